@@ -1,0 +1,93 @@
+"""Shared fixtures: every test works in Postgres databases it creates and drops itself.
+
+The server comes from SYNCWORKER_TEST_DATABASE_URL (default
+postgresql://postgres@127.0.0.1:5432/postgres); that URL is only used to
+CREATE and DROP databases whose names start with ``swtest_``.  Redis comes
+from SYNCWORKER_TEST_REDIS_URL (default redis://127.0.0.1:6379/0); tests only
+touch keys under a unique prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+ADMIN_URL = os.environ.get(
+    "SYNCWORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("SYNCWORKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def url_for_db(name: str) -> str:
+    parts = urlsplit(ADMIN_URL)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def create_database(template: str | None = None) -> tuple[str, str]:
+    name = f"swtest_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        if template:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        else:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return name, url_for_db(name)
+
+
+def drop_database(name: str) -> None:
+    assert name.startswith("swtest_")
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_db() -> Iterator[str]:
+    """URL of a new, empty database, dropped after the test."""
+    name, url = create_database()
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def migrated_template() -> Iterator[str]:
+    """A database migrated to head once per session, used as a template."""
+    from worker.migrate import upgrade
+
+    name, url = create_database()
+    try:
+        upgrade(url)
+        yield name
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture
+def db(migrated_template: str) -> Iterator[str]:
+    """URL of a new database with the syncworker schema at head."""
+    name, url = create_database(template=migrated_template)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A unique key prefix; every key under it is deleted afterwards."""
+    import redis
+
+    prefix = f"swtest:{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for key in client.scan_iter(match=prefix + "*", count=500):
+            client.unlink(key)
+    finally:
+        client.close()

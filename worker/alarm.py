@@ -1,0 +1,46 @@
+"""A sleep that others can cut short: the main loop's only way of waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+
+class Alarm:
+    """Sleeps until the earliest time anyone asked to be woken at.
+
+    `ring_at` only ever moves the wake-up earlier, so a flood of NOTIFYs for
+    jobs due later costs nothing but a comparison.
+    """
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+        self._deadline = math.inf
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
+    def ring_at(self, when: float) -> None:
+        """Wake up at loop time `when` (or earlier, if already asked)."""
+        if when < self._deadline:
+            self._deadline = when
+            self._changed.set()
+
+    def ring_in(self, seconds: float) -> None:
+        self.ring_at(asyncio.get_running_loop().time() + max(seconds, 0.0))
+
+    def ring_now(self) -> None:
+        self.ring_at(-math.inf)
+
+    async def sleep(self) -> None:
+        """Return at the deadline; the deadline is then cleared."""
+        loop = asyncio.get_running_loop()
+        while (delay := self._deadline - loop.time()) > 0:
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(None if math.isinf(delay) else delay):
+                    await self._changed.wait()
+            except TimeoutError:
+                break
+        self._deadline = math.inf

@@ -1,0 +1,157 @@
+"""The connector interface: what a sync kind implements and what a run gives it."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+
+# Per-record errors kept in full for one run; beyond this only the count grows,
+# so a source that rejects millions of records cannot exhaust memory.
+MAX_RECORD_ERRORS_KEPT = 10_000
+
+
+class ConfigError(ValueError):
+    """The integration's config is not valid for its kind (error_type config_invalid)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field = field
+
+
+class SyncError(Exception):
+    """A failure from the outside world; `error_type` is the stable code stored with it."""
+
+    error_type = "sync_failed"
+
+    def __init__(self, message: str, *, error_type: str | None = None) -> None:
+        super().__init__(message)
+        if error_type is not None:
+            self.error_type = error_type
+
+
+class FencedError(Exception):
+    """This run is no longer the live run of its integration: it must not commit anything."""
+
+
+@dataclass
+class RunResult:
+    """What a connector reports when it finishes.
+
+    `state=None` leaves the stored state as it is.  Failed records are the ones
+    reported with `RunContext.record_error`; they make the run `partial`.
+    """
+
+    state: dict[str, Any] | None = None
+    records_processed: int = 0
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+
+
+@dataclass
+class RecordError:
+    error_type: str
+    message: str
+    record_key: str | None
+    detail: str | None
+    context: dict[str, Any]
+
+
+@dataclass
+class RunContext:
+    """Everything a connector may use during one run.
+
+    `conn` is the run's own session on the control database.  It holds the
+    integration lock and is in a transaction that commits together with the
+    run's result: writes made through it land exactly once.  Connectors must not
+    call `conn.commit()`; `checkpoint()` commits data and state together.
+    """
+
+    integration_id: int
+    name: str
+    kind: str
+    run_id: int
+    config: Any
+    state: dict[str, Any]
+    conn: AsyncConnection[TupleRow]
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger]
+    trigger: str = "schedule"
+    dry_run: bool = False
+    errors: list[RecordError] = field(default_factory=list)
+    failed_records: int = 0
+    _checkpoint: Any = None
+
+    def record_error(
+        self,
+        record_key: object,
+        message: str,
+        *,
+        error_type: str = "record_invalid",
+        detail: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Report one record that could not be synced; the rest of the run goes on."""
+        self.failed_records += 1
+        if len(self.errors) < MAX_RECORD_ERRORS_KEPT:
+            key = None if record_key is None else str(record_key)
+            self.errors.append(RecordError(error_type, message, key, detail, dict(context or {})))
+
+    async def checkpoint(self, state: dict[str, Any]) -> None:
+        """Commit the work done so far together with `state` (fenced on this run being live)."""
+        if self._checkpoint is not None:
+            await self._checkpoint(state)
+        self.state = state
+
+
+class Connector(ABC):
+    """A sync kind.  Subclass it, give it a `kind`, and register it (built-in or entry point)."""
+
+    kind: str = ""
+
+    @abstractmethod
+    def validate(self, config: Mapping[str, Any]) -> Any:
+        """Check `config` and return the parsed form handed to `run` as `ctx.config`.
+
+        Raise ConfigError naming the field and what was expected.  Must not do I/O.
+        """
+
+    @abstractmethod
+    async def run(self, ctx: RunContext) -> RunResult:
+        """Do one sync.  Raise SyncError (or any exception) to fail the run."""
+
+
+def require(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """config[key], which must exist and be of `kind`; else a ConfigError saying `what`."""
+    if key not in config:
+        raise ConfigError(key, f"is required ({what})")
+    return expect(config, key, kind, what)
+
+
+def expect(
+    config: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    what: str,
+    default: Any = None,
+) -> Any:
+    """config.get(key, default), which must be of `kind` when present."""
+    if key not in config or config[key] is None:
+        return default
+    value = config[key]
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ConfigError(key, f"expected {what}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(key, f"expected {what}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def reject_unknown(config: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown setting; expected one of {', '.join(sorted(allowed))}")

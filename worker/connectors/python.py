@@ -1,0 +1,94 @@
+"""`python`: call a function of yours ("module:function"), sync or async, on a schedule."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from worker.connectors.base import (
+    ConfigError,
+    Connector,
+    RunContext,
+    RunResult,
+    SyncError,
+    expect,
+    require,
+)
+
+_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(frozen=True)
+class PythonConfig:
+    target: str
+    func: Callable[..., Any]
+    options: dict[str, Any]
+
+
+class PythonConnector(Connector):
+    """Calls `callable` with the run's context.
+
+    The function receives a `RunContext` (config, state, log, record_error and,
+    for async functions, `conn`: the run's transaction on the control database)
+    and returns a `RunResult`, a dict with the same keys, or None.  Sync functions
+    run in a thread; a timeout fails the run but cannot stop the thread itself.
+    """
+
+    kind = "python"
+
+    def validate(self, config: Mapping[str, Any]) -> PythonConfig:
+        target = require(config, "callable", str, '"module:function"')
+        if not _CALLABLE.match(target):
+            raise ConfigError("callable", f'expected "module:function", got {target!r}')
+        options = expect(config, "options", dict, "an object passed to the function", {})
+        # Importing here lets `syncworker check` catch a typo before the first run.
+        return PythonConfig(target, self._load(target), dict(options))
+
+    def _load(self, target: str) -> Callable[..., Any]:
+        module_name, _, path = target.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except Exception as exc:
+            raise ConfigError("callable", f"cannot load {target}: {exc!r}") from exc
+        if not callable(obj):
+            raise ConfigError("callable", f"{target} is not callable")
+        return obj  # type: ignore[no-any-return]
+
+    async def run(self, ctx: RunContext) -> RunResult:
+        config: PythonConfig = ctx.config
+        func = config.func
+        if inspect.iscoroutinefunction(func):
+            returned = await func(ctx)
+        else:
+            returned = await asyncio.to_thread(func, ctx)
+        return _as_result(returned, config.target)
+
+
+def _as_result(returned: Any, target: str) -> RunResult:
+    if returned is None:
+        return RunResult()
+    if isinstance(returned, RunResult):
+        return returned
+    if isinstance(returned, Mapping):
+        allowed = {"state", "records_processed", "inserted", "updated", "deleted"}
+        unknown = set(returned) - allowed
+        if unknown:
+            raise SyncError(
+                f"{target} returned unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}",
+                error_type="bad_result",
+            )
+        state = returned.get("state")
+        if state is not None and not isinstance(state, dict):
+            raise SyncError(f"{target} returned a state that is not a dict", error_type="bad_result")
+        return RunResult(**returned)
+    raise SyncError(
+        f"{target} returned {type(returned).__name__}; expected a RunResult, dict or None",
+        error_type="bad_result",
+    )

@@ -1,0 +1,253 @@
+"""`syncworker run`: the worker process — its main loop, start-up and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from worker import db
+from worker.alarm import Alarm
+from worker.listener import Listener
+from worker.maintenance import Heartbeat, LeaderDuties, Leadership, Pruner, Rescuer
+from worker.queries import Q
+from worker.retry import Backoff
+from worker.runner import Job, Runner
+from worker.settings import Settings
+from worker.systemd import Notifier
+
+log = logging.getLogger("syncworker.worker")
+
+# After a claim that found nothing it could take, do not look again sooner than
+# this: rows another replica is claiming right now are still visible as due.
+MIN_RECHECK = 0.01
+
+
+class StartupError(Exception):
+    """The worker cannot start (database unreachable, schema missing)."""
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = settings.database_url
+        self.alarm = Alarm()
+        self.stopping = False
+        self.active: set[asyncio.Task[Any]] = set()
+        self.more_due = False
+        self.notifier = Notifier()
+        self.leadership = Leadership(self.url, self._on_leadership)
+        self.duties: LeaderDuties | None = None
+        self._duties_task: asyncio.Task[None] | None = None
+        self._services: list[asyncio.Task[None]] = []
+        self._failed: BaseException | None = None
+        self.pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=2,
+            open=False,
+            name="control",
+            kwargs={"autocommit": True, **db.connect_kwargs()},
+        )
+        self.run_pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=settings.concurrency,
+            open=False,
+            name="runs",
+            kwargs={"autocommit": False, **db.connect_kwargs("syncworker run")},
+        )
+        self.runner = Runner(self.run_pool, self.pool, max_backoff=settings.max_backoff)
+        self.listener = Listener(
+            self.url,
+            self.alarm,
+            mode=settings.mode,
+            concurrency=settings.concurrency,
+            on_runs_started=self._on_runs_started,
+        )
+
+    # -- the main loop ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until asked to stop; returns the process exit code."""
+        await self._start()
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while True:
+            await self.alarm.sleep()
+            if self.stopping:
+                break
+            try:
+                await self._dispatch()
+                backoff.reset()
+            except psycopg.OperationalError as exc:
+                delay = backoff.next()
+                log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
+                self.alarm.ring_in(delay)
+        return await self._shutdown()
+
+    async def _dispatch(self) -> None:
+        """Claim what is due up to free capacity, start it, and set the next wake-up."""
+        poll = self.settings.poll_interval
+        free = self.settings.concurrency - len(self.active)
+        if free <= 0 or not self._may_claim():
+            self.alarm.ring_in(poll)
+            return
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(Q["claim_due"], {"limit": free, "worker_id": self.listener.worker_id})
+            jobs = [Job.from_row(row) for row in await cur.fetchall()]
+            for job in jobs:
+                self._start_run(job)
+            self.more_due = len(jobs) == free
+            if self.more_due:
+                self.alarm.ring_in(poll)
+                return
+            row = await (await conn.execute(Q["next_due_in"])).fetchone()
+        due_in = row[0] if row is not None and row[0] is not None else poll
+        self.alarm.ring_in(min(poll, max(float(str(due_in)), MIN_RECHECK)))
+
+    def _may_claim(self) -> bool:
+        return self.settings.mode == "active" or self.leadership.is_leader
+
+    def _start_run(self, job: Job) -> None:
+        task = asyncio.create_task(self.runner.run(job), name=f"run {job.run_id} {job.name}")
+        self.active.add(task)
+        task.add_done_callback(self._run_done)
+
+    def _run_done(self, task: asyncio.Task[Any]) -> None:
+        self.active.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("run task crashed", exc_info=task.exception())
+        if self.more_due and not self.stopping:
+            self.alarm.ring_now()
+
+    # -- events from the services -------------------------------------------------------
+
+    def _on_runs_started(self) -> None:
+        if self.duties is not None:
+            self.duties.runs_started.set()
+
+    def _on_leadership(self, leader: bool) -> None:
+        if leader:
+            self.duties = LeaderDuties(
+                Rescuer(self.pool),
+                Pruner(self.pool, self.settings.retention_days),
+                self.settings.rescue_interval,
+            )
+            self._duties_task = self._service(self.duties.run(), "leader duties")
+        elif self._duties_task is not None:
+            self._duties_task.cancel()
+            self._duties_task, self.duties = None, None
+        self.alarm.ring_now()
+
+    def _service(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Start a background service; if one dies of a bug, the whole worker stops."""
+        task = asyncio.create_task(coro, name=name)
+        self._services.append(task)
+
+        def check(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None and not self.stopping:
+                log.critical("service %s crashed; stopping the worker", name, exc_info=t.exception())
+                self._failed = t.exception()
+                self.request_stop()
+
+        task.add_done_callback(check)
+        return task
+
+    # -- start and stop ---------------------------------------------------------------
+
+    async def _start(self) -> None:
+        first = await self._connect_first()
+        await self.pool.open()
+        await self.run_pool.open()
+        self._service(self.listener.run(first), "listener")
+        assert self.listener.worker_id is not None
+        heartbeat = Heartbeat(
+            self.pool,
+            self.listener.worker_id,
+            self.settings.heartbeat_interval,
+            running=lambda: len(self.active),
+            leader=lambda: self.leadership.is_leader,
+        )
+        self._service(heartbeat.run(), "heartbeat")
+        self._service(self.leadership.run(), "leadership")
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._service(self._watchdog(interval), "watchdog")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        log.info(
+            "worker %s started (mode=%s, concurrency=%s) on %s",
+            self.listener.worker_id,
+            self.settings.mode,
+            self.settings.concurrency,
+            db.describe_target(self.url),
+        )
+        self.notifier.ready(f"worker {self.listener.worker_id} running")
+
+    async def _connect_first(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        target = db.describe_target(self.url)
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, **db.connect_kwargs("syncworker listener")
+            )
+        except psycopg.OperationalError as exc:
+            raise StartupError(f"cannot connect to {target}: {db.redact_dsn(str(exc)).strip()}") from None
+        row = await (await conn.execute(Q["schema_version"])).fetchone()
+        await conn.close()
+        if not row or not row[0]:
+            raise StartupError(f"no syncworker schema in {target}: run `syncworker migrate` first")
+        return await self.listener.connect_once()
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: a stuck loop stops the pings and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stopping:
+            log.warning("second %s: exiting now", sig.name)
+            os._exit(1)
+        log.info(
+            "%s received: finishing running jobs (up to %ss), claiming no more",
+            sig.name,
+            self.settings.grace_period,
+        )
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        self.stopping = True
+        self.alarm.ring_now()
+
+    async def _shutdown(self) -> int:
+        self.notifier.stopping()
+        if self.active:
+            _, pending = await asyncio.wait(self.active, timeout=self.settings.grace_period)
+            if pending:
+                log.warning("grace period over: cancelling %s run(s); they will be rerun", len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        for task in self._services:
+            task.cancel()
+        await asyncio.gather(*self._services, return_exceptions=True)
+        try:
+            async with self.pool.connection(timeout=5) as conn:
+                await conn.execute(Q["stop_worker"], {"worker_id": self.listener.worker_id})
+        except Exception as exc:
+            log.warning("could not record the worker as stopped: %s", exc)
+        await self.run_pool.close()
+        await self.pool.close()
+        self.notifier.close()
+        log.info("worker %s stopped", self.listener.worker_id)
+        return 1 if self._failed is not None else 0

@@ -1,0 +1,110 @@
+"""The worker's own session: it holds the worker lock, LISTENs for wake-ups, and reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import psycopg
+
+from worker import __version__, db
+from worker.alarm import Alarm
+from worker.queries import Q
+from worker.retry import Backoff
+
+log = logging.getLogger("syncworker.listener")
+
+CHANNEL = "syncworker"
+
+
+class Listener:
+    """Registers the worker once, then keeps a LISTEN session alive for as long as it runs.
+
+    Every (re)connect takes the worker lock again (the proof, for the leader's
+    rescuer, that this worker is alive) and rings the alarm, because NOTIFYs
+    sent while disconnected are lost.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        alarm: Alarm,
+        *,
+        mode: str,
+        concurrency: int,
+        on_runs_started: Callable[[], None],
+    ) -> None:
+        self.url = url
+        self.alarm = alarm
+        self.mode = mode
+        self.concurrency = concurrency
+        self.on_runs_started = on_runs_started
+        self.worker_id: int | None = None
+        self.connected = asyncio.Event()
+
+    async def connect_once(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, **db.connect_kwargs("syncworker listener")
+        )
+        try:
+            if self.worker_id is None:
+                cur = await conn.execute(
+                    Q["register_worker"],
+                    {
+                        "hostname": socket.gethostname(),
+                        "pid": os.getpid(),
+                        "version": __version__,
+                        "mode": self.mode,
+                        "concurrency": self.concurrency,
+                    },
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                self.worker_id = int(str(row[0]))
+            await conn.execute(Q["lock_worker"], {"worker_id": self.worker_id})
+            await conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def run(self, first: psycopg.AsyncConnection[tuple[object, ...]] | None = None) -> None:
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        conn = first
+        while True:
+            try:
+                if conn is None:
+                    conn = await self.connect_once()
+                    log.info("listener reconnected")
+                self.connected.set()
+                backoff.reset()
+                self.alarm.ring_now()
+                async for notify in conn.notifies():
+                    self.handle(notify.payload)
+            except psycopg.OperationalError as exc:
+                self.connected.clear()
+                delay = backoff.next()
+                log.warning("listener lost its connection (%s); reconnecting in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                if conn is not None:
+                    await conn.close()
+                    conn = None
+
+    def handle(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            log.debug("ignoring malformed notification %r", payload)
+            return
+        if not isinstance(message, dict):
+            return
+        due_in = message.get("due_in")
+        if isinstance(due_in, int | float):
+            self.alarm.ring_in(float(due_in))
+        if message.get("runs_started"):
+            self.on_runs_started()

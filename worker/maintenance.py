@@ -1,0 +1,204 @@
+"""Background services: heartbeat, leader election, and the leader's rescuer and pruner.
+
+Each service has a `run_once()` that does one round and returns what it did,
+so tests can drive it directly; `run()` loops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from worker import db
+from worker.queries import Q
+from worker.retry import Backoff
+
+log = logging.getLogger("syncworker.maintenance")
+
+Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
+
+# With nothing running anywhere the rescuer still looks this often, in case a
+# "runs started" NOTIFY was missed while the leader was reconnecting.
+IDLE_RESCUE_INTERVAL = 300.0
+PRUNE_INTERVAL = 3600.0
+PRUNE_BATCH = 5000
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        pool: Pool,
+        worker_id: int,
+        interval: float,
+        running: Callable[[], int],
+        leader: Callable[[], bool],
+    ) -> None:
+        self.pool, self.worker_id, self.interval = pool, worker_id, interval
+        self.running, self.leader = running, leader
+
+    async def run_once(self) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                Q["heartbeat"],
+                {"worker_id": self.worker_id, "running": self.running(), "leader": self.leader()},
+            )
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except psycopg.OperationalError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.interval)
+
+
+class Leadership:
+    """Holds the leader lock on a session of its own.
+
+    Standbys block in pg_advisory_lock, so a dead leader is replaced the moment
+    Postgres closes its session: no polling, no lease to expire.
+    """
+
+    def __init__(self, url: str, on_change: Callable[[bool], None]) -> None:
+        self.url = url
+        self.on_change = on_change
+        self.is_leader = False
+
+    def _set(self, leader: bool) -> None:
+        if leader != self.is_leader:
+            self.is_leader = leader
+            log.info("this worker is now %s", "the leader" if leader else "a standby")
+            self.on_change(leader)
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, **db.connect_kwargs("syncworker leader")
+                ) as conn:
+                    await conn.execute(Q["wait_for_leadership"])
+                    backoff.reset()
+                    # Something to wait on that fails as soon as the session does.
+                    await conn.execute("LISTEN syncworker_leader")
+                    self._set(True)
+                    async for _ in conn.notifies():
+                        pass
+            except psycopg.OperationalError as exc:
+                self._set(False)
+                delay = backoff.next()
+                log.warning("leader session lost (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                self._set(False)
+
+
+@dataclass(frozen=True)
+class RescueReport:
+    rescued: int
+    workers_gone: int
+    running: int
+
+
+class Rescuer:
+    """Abandons runs whose session is gone so that their jobs run again at once."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    async def run_once(self) -> RescueReport:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(Q["rescue_abandoned"])
+            row = await cur.fetchone()
+        assert row is not None
+        report = RescueReport(*(int(str(v)) for v in row))
+        if report.rescued:
+            log.warning("rescued %s abandoned run(s); their jobs run again now", report.rescued)
+        return report
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    runs: int
+    errors: int
+    workers: int
+
+
+class Pruner:
+    """Deletes finished runs and resolved errors older than the retention, in batches."""
+
+    def __init__(self, pool: Pool, retention_days: int) -> None:
+        self.pool = pool
+        self.retention_days = retention_days
+
+    async def _delete(self, query: str) -> int:
+        total = 0
+        while True:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    query.encode(), {"retention_days": self.retention_days, "batch": PRUNE_BATCH}
+                )
+                total += max(cur.rowcount, 0)
+            if cur.rowcount < PRUNE_BATCH:
+                return total
+
+    async def run_once(self) -> PruneReport:
+        report = PruneReport(
+            runs=await self._delete(Q["prune_runs"]),
+            errors=await self._delete(Q["prune_errors"]),
+            workers=await self._delete(Q["prune_workers"]),
+        )
+        if report.runs or report.errors or report.workers:
+            log.info(
+                "pruned %s runs, %s resolved errors, %s stopped workers older than %s days",
+                report.runs,
+                report.errors,
+                report.workers,
+                self.retention_days,
+            )
+        return report
+
+
+class LeaderDuties:
+    """What only the leader does: rescue often while runs exist, prune hourly."""
+
+    def __init__(self, rescuer: Rescuer, pruner: Pruner, rescue_interval: float) -> None:
+        self.rescuer = rescuer
+        self.pruner = pruner
+        self.rescue_interval = rescue_interval
+        self.runs_started = asyncio.Event()
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        last_prune = -PRUNE_INTERVAL
+        while True:
+            try:
+                self.runs_started.clear()
+                report = await self.rescuer.run_once()
+                if time.monotonic() - last_prune >= PRUNE_INTERVAL:
+                    await self.pruner.run_once()
+                    last_prune = time.monotonic()
+                backoff.reset()
+            except psycopg.OperationalError as exc:
+                delay = backoff.next()
+                log.warning("maintenance failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            if report.running:
+                await asyncio.sleep(self.rescue_interval)
+            else:
+                try:
+                    async with asyncio.timeout(IDLE_RESCUE_INTERVAL):
+                        await self.runs_started.wait()
+                except TimeoutError:
+                    pass
+                # Give a just-started run a moment to take its lock before looking.
+                await asyncio.sleep(self.rescue_interval)

@@ -1,0 +1,213 @@
+-- Every statement the worker and the CLI run, each under a name.
+-- A block starts with "-- name: <name>" and a one-line comment saying what it does.
+
+-- name: register_worker
+-- A new replica announces itself; its session then holds the worker lock.
+INSERT INTO syncworker.workers (hostname, pid, version, mode, concurrency)
+VALUES (%(hostname)s, %(pid)s, %(version)s, %(mode)s, %(concurrency)s)
+RETURNING id;
+
+-- name: lock_worker
+-- Held for the life of the listener session: "this worker is alive".
+SELECT pg_advisory_lock(syncworker.lock_key('worker'), %(worker_id)s);
+
+-- name: heartbeat
+-- Periodic proof of life, with what the replica is doing.
+UPDATE syncworker.workers
+   SET heartbeat_at = now(), running = %(running)s, leader = %(leader)s, stopped_at = NULL
+ WHERE id = %(worker_id)s;
+
+-- name: stop_worker
+-- A clean exit.
+UPDATE syncworker.workers SET stopped_at = now(), leader = false, running = 0
+ WHERE id = %(worker_id)s;
+
+-- name: wait_for_leadership
+-- Blocks until this session is the leader; returns at once when no one else is.
+SELECT pg_advisory_lock(syncworker.lock_key('leader'), 0);
+
+-- name: claim_due
+-- Take up to %(limit)s due jobs and open a run for each, in one statement.
+WITH due AS (
+  SELECT id, retry_count, pending_trigger, coalesce(scheduled_sync_at, next_sync_at) AS slot
+    FROM syncworker.integrations
+   WHERE enabled AND running_run_id IS NULL AND next_sync_at <= now()
+   ORDER BY next_sync_at, id
+   LIMIT %(limit)s
+     FOR UPDATE SKIP LOCKED
+), runs AS (
+  INSERT INTO syncworker.sync_runs (integration_id, trigger, attempt, worker_id, scheduled_for)
+  SELECT id, coalesce(pending_trigger, CASE WHEN retry_count > 0 THEN 'retry' ELSE 'schedule' END),
+         retry_count + 1, %(worker_id)s, slot
+    FROM due
+  RETURNING id, integration_id, trigger, attempt, scheduled_for
+)
+UPDATE syncworker.integrations i
+   SET running_run_id = runs.id, pending_trigger = NULL, scheduled_sync_at = NULL
+  FROM runs
+ WHERE i.id = runs.integration_id
+RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i.timezone,
+          i.max_retries, i.retry_backoff_seconds, i.timeout_seconds, i.retry_count,
+          runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for;
+
+-- name: next_due_in
+-- Seconds until the earliest idle job is due, on the database clock (NULL: nothing scheduled).
+SELECT extract(epoch FROM min(next_sync_at) - clock_timestamp())::float8
+  FROM syncworker.integrations
+ WHERE enabled AND running_run_id IS NULL AND next_sync_at IS NOT NULL;
+
+-- name: begin_run
+-- Take the integration lock on the run's own session and mark the run as locked.
+-- No row back means the run was abandoned meanwhile: release the lock and drop it.
+UPDATE syncworker.sync_runs
+   SET locked_at = clock_timestamp()
+  FROM (SELECT pg_advisory_lock(syncworker.lock_key('integration'), %(integration_id)s)) AS l
+ WHERE id = %(run_id)s AND status = 'running'
+RETURNING clock_timestamp() AS db_now;
+
+-- name: unlock_integration
+-- Release the run lock; always after the run's final commit.
+SELECT pg_advisory_unlock(syncworker.lock_key('integration'), %(integration_id)s);
+
+-- name: save_state
+-- A connector's checkpoint: fenced on the run still being the live run.
+UPDATE syncworker.integrations SET state = %(state)s
+ WHERE id = %(integration_id)s AND running_run_id = %(run_id)s
+RETURNING id;
+
+-- name: finish_run
+-- Close the run and reschedule its job in one fenced statement.
+WITH run AS (
+  UPDATE syncworker.sync_runs
+     SET status = %(status)s, finished_at = clock_timestamp(),
+         duration_ms = (extract(epoch FROM clock_timestamp() - started_at) * 1000)::bigint,
+         records_processed = %(records_processed)s, records_failed = %(records_failed)s,
+         records_inserted = %(records_inserted)s, records_updated = %(records_updated)s,
+         records_deleted = %(records_deleted)s,
+         error_type = %(error_type)s, error = %(error)s
+   WHERE id = %(run_id)s AND status = 'running'
+  RETURNING id, integration_id, finished_at
+)
+UPDATE syncworker.integrations i
+   SET running_run_id = NULL,
+       state = coalesce(%(state)s::jsonb, i.state),
+       last_sync_at = run.finished_at,
+       last_success_at = CASE WHEN %(status)s IN ('success', 'partial') THEN run.finished_at
+                              ELSE i.last_success_at END,
+       last_status = %(status)s,
+       last_error = %(error)s,
+       retry_count = %(retry_count)s,
+       enabled = i.enabled AND %(disabled_reason)s::text IS NULL,
+       disabled_reason = coalesce(%(disabled_reason)s::text, i.disabled_reason),
+       -- A trigger that arrived during the run gets its one follow-up run now.
+       next_sync_at = CASE WHEN i.pending_trigger IS NOT NULL AND %(disabled_reason)s::text IS NULL
+                           THEN now() ELSE %(next_sync_at)s::timestamptz END,
+       scheduled_sync_at = CASE WHEN i.pending_trigger IS NOT NULL THEN %(slot)s::timestamptz
+                                ELSE %(scheduled_sync_at)s::timestamptz END
+  FROM run
+ WHERE i.id = run.integration_id AND i.running_run_id = run.id
+RETURNING i.enabled, i.next_sync_at;
+
+-- name: record_error
+-- One error, for an operator to read (never a secret).
+INSERT INTO syncworker.sync_errors
+  (integration_id, run_id, error_type, message, detail, record_key, context)
+VALUES (%(integration_id)s, %(run_id)s, %(error_type)s, %(message)s, %(detail)s,
+        %(record_key)s, %(context)s);
+
+-- name: send_alert
+-- Tell whoever listens on syncworker_alerts that a job was disabled.
+SELECT pg_notify('syncworker_alerts', %(payload)s);
+
+-- name: abandon_run
+-- Give a run up (its session is gone, or the worker is shutting down) and rerun the job.
+SELECT syncworker.abandon_run(%(run_id)s, %(reason)s) AS integration_id;
+
+-- name: rescue_abandoned
+-- Leader: abandon every running run whose session is gone; report how many still run.
+WITH held AS (
+  SELECT classid::bigint AS ns, objid::bigint AS key2 FROM pg_locks
+   WHERE locktype = 'advisory' AND granted AND objsubid = 2
+), dead AS (
+  SELECT r.id FROM syncworker.sync_runs r
+   WHERE r.status = 'running'
+     AND NOT EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('integration')
+                                         AND key2 = r.integration_id)
+     AND (r.locked_at IS NOT NULL OR r.worker_id IS NULL
+          OR NOT EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('worker')
+                                             AND key2 = r.worker_id))
+), rescued AS (
+  SELECT syncworker.abandon_run(id, 'the worker running it died or lost its database session')
+         AS integration_id
+    FROM dead
+), gone_workers AS (
+  UPDATE syncworker.workers w SET stopped_at = now(), leader = false, running = 0
+   WHERE w.stopped_at IS NULL AND w.heartbeat_at < now() - interval '10 seconds'
+     AND NOT EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('worker') AND key2 = w.id)
+  RETURNING w.id
+)
+SELECT (SELECT count(*) FROM rescued WHERE integration_id IS NOT NULL) AS rescued,
+       (SELECT count(*) FROM gone_workers) AS workers_gone,
+       (SELECT count(*) FROM syncworker.sync_runs WHERE status = 'running') AS running;
+
+-- name: prune_runs
+-- Leader: delete one batch of finished runs older than the retention.
+DELETE FROM syncworker.sync_runs WHERE id IN (
+  SELECT id FROM syncworker.sync_runs
+   WHERE finished_at < now() - make_interval(days => %(retention_days)s)
+   LIMIT %(batch)s);
+
+-- name: prune_errors
+-- Leader: delete one batch of resolved errors older than the retention.
+DELETE FROM syncworker.sync_errors WHERE id IN (
+  SELECT id FROM syncworker.sync_errors
+   WHERE resolved AND created_at < now() - make_interval(days => %(retention_days)s)
+   LIMIT %(batch)s);
+
+-- name: prune_workers
+-- Leader: forget replicas that stopped longer ago than the retention.
+DELETE FROM syncworker.workers
+ WHERE stopped_at < now() - make_interval(days => %(retention_days)s);
+
+-- name: schema_version
+-- Is the schema there, and at which revision?
+SELECT to_regclass('syncworker.integrations') IS NOT NULL AS has_schema;
+
+-- name: status
+-- The status view, for `syncworker status`.
+SELECT name, kind, health, schedule, running, last_status, last_sync_at, next_sync_at,
+       retry_count, runs_24h, success_rate_24h, mean_duration_ms_24h, unresolved_errors,
+       coalesce(disabled_reason, last_error) AS problem
+  FROM syncworker.status ORDER BY name;
+
+-- name: trigger_sync
+-- Run a job now (coalesced with a run in progress).
+SELECT syncworker.trigger_sync(%(name)s) AS result;
+
+-- name: integration_by_name
+-- One job by name.
+SELECT id, name, kind, config, state, interval_seconds, cron, timezone, enabled,
+       max_retries, retry_backoff_seconds, timeout_seconds, retry_count
+  FROM syncworker.integrations WHERE name = %(name)s;
+
+-- name: history
+-- The latest runs of one job.
+SELECT r.id, r.status, r.trigger, r.attempt, r.started_at, r.duration_ms,
+       r.records_processed, r.records_failed, r.error_type, r.error
+  FROM syncworker.sync_runs r
+ WHERE r.integration_id = %(integration_id)s
+ ORDER BY r.started_at DESC, r.id DESC
+ LIMIT %(limit)s;
+
+-- name: unresolved_errors
+-- Unresolved errors, newest first, optionally for one job.
+SELECT e.id, i.name, e.created_at, e.error_type, e.record_key, e.message, e.run_id
+  FROM syncworker.sync_errors e JOIN syncworker.integrations i ON i.id = e.integration_id
+ WHERE NOT e.resolved AND (%(name)s::text IS NULL OR i.name = %(name)s)
+ ORDER BY e.created_at DESC, e.id DESC
+ LIMIT %(limit)s;
+
+-- name: all_integrations
+-- Every job, for `syncworker check`.
+SELECT id, name, kind, config, interval_seconds, cron, timezone, enabled
+  FROM syncworker.integrations ORDER BY name;

@@ -1,0 +1,344 @@
+"""One run of one job: lock, execute the connector with a timeout, commit the fenced result, reschedule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from worker import connectors, logs, schedule
+from worker.connectors.base import ConfigError, FencedError, RunContext, RunResult, SyncError
+from worker.queries import Q
+from worker.secrets import redact, redact_value
+
+log = logging.getLogger("syncworker.run")
+
+MAX_ERROR_TEXT = 2000
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed integration row together with the run opened for it."""
+
+    id: int
+    name: str
+    kind: str
+    config: dict[str, Any]
+    state: dict[str, Any]
+    interval_seconds: int | None
+    cron: str | None
+    timezone: str
+    max_retries: int
+    retry_backoff_seconds: int
+    timeout_seconds: int
+    retry_count: int
+    run_id: int
+    trigger: str
+    attempt: int
+    scheduled_for: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Failure:
+    error_type: str
+    message: str
+    detail: str | None
+
+
+def classify(exc: BaseException, timed_out: bool) -> Failure:
+    """The stable error_type and a one-line message for an exception raised by a run."""
+    if timed_out:
+        return Failure("timeout", "the run exceeded timeout_seconds and was cancelled", None)
+    detail = redact("".join(traceback.format_exception(exc)))[-8000:]
+    if isinstance(exc, ConfigError):
+        return Failure("config_invalid", redact(str(exc)), None)
+    if isinstance(exc, SyncError):
+        error_type = exc.error_type
+    elif isinstance(exc, psycopg.OperationalError):
+        error_type = "connection"
+    elif isinstance(exc, psycopg.Error):
+        error_type = "sql_error"
+    elif isinstance(exc, OSError | ConnectionError):
+        error_type = "connection"
+    else:
+        error_type = "exception"
+    message = redact(f"{type(exc).__name__}: {exc}".strip().rstrip(":"))
+    return Failure(error_type, message[:MAX_ERROR_TEXT], detail)
+
+
+class Runner:
+    """Executes claimed jobs.  Each run uses a session of its own from `run_pool`."""
+
+    def __init__(
+        self,
+        run_pool: AsyncConnectionPool[AsyncConnection[TupleRow]],
+        pool: AsyncConnectionPool[AsyncConnection[TupleRow]],
+        *,
+        max_backoff: float = schedule.DEFAULT_MAX_BACKOFF,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.run_pool = run_pool
+        self.pool = pool
+        self.max_backoff = max_backoff
+        self.rand = rand
+
+    async def run(self, job: Job) -> str | None:
+        """Run `job` to its end; returns the final status, or None if the run was given up."""
+        logs.bind(job.name, job.run_id)
+        log.info("run started (trigger=%s, attempt=%s)", job.trigger, job.attempt)
+        try:
+            async with self.run_pool.connection() as conn:
+                return await self._run_on(conn, job)
+        except psycopg.OperationalError as exc:
+            # The session (and with it the lock) is gone: nothing of this run may commit.
+            log.warning("run lost its database session: %s", redact(str(exc)))
+            await self._abandon(job, f"the run lost its database session: {redact(str(exc))[:300]}")
+            return None
+
+    async def _run_on(self, conn: AsyncConnection[TupleRow], job: Job) -> str | None:
+        cur = await conn.execute(Q["begin_run"], {"run_id": job.run_id, "integration_id": job.id})
+        row = await cur.fetchone()
+        await conn.commit()
+        try:
+            if row is None:
+                log.info("run was abandoned before it started; dropping it")
+                return None
+            clock = _DbClock(row[0])
+            return await self._execute(conn, job, clock)
+        finally:
+            if not conn.broken:
+                await conn.rollback()
+                await conn.execute(Q["unlock_integration"], {"integration_id": job.id})
+                await conn.commit()
+
+    async def _execute(self, conn: AsyncConnection[TupleRow], job: Job, clock: _DbClock) -> str | None:
+        sched: schedule.Schedule | None = None
+        try:
+            sched = schedule.Schedule.from_row(job.interval_seconds, job.cron, job.timezone)
+            connector = connectors.get(job.kind)
+            config = connector.validate(job.config)
+        except (ConfigError, schedule.ScheduleError) as exc:
+            slot = sched.next_slot(job.scheduled_for, clock.now()) if sched else None
+            plan = schedule.after_invalid_config(slot, job.retry_count, redact(str(exc)))
+            failure = Failure("config_invalid", redact(str(exc)), None)
+            log.error("invalid configuration: %s", failure.message)
+            return await self._finish(conn, job, "failed", RunResult(), plan, failure, [])
+
+        ctx = RunContext(
+            integration_id=job.id,
+            name=job.name,
+            kind=job.kind,
+            run_id=job.run_id,
+            config=config,
+            state=dict(job.state),
+            conn=conn,
+            log=logging.getLogger(f"syncworker.connector.{job.kind}"),
+            trigger=job.trigger,
+        )
+
+        async def checkpoint(state: dict[str, Any]) -> None:
+            cur = await conn.execute(
+                Q["save_state"],
+                {"state": Jsonb(state), "integration_id": job.id, "run_id": job.run_id},
+            )
+            if await cur.fetchone() is None:
+                raise FencedError(f"run {job.run_id} is no longer the live run of {job.name}")
+            await conn.commit()
+
+        ctx._checkpoint = checkpoint
+        deadline = asyncio.timeout(job.timeout_seconds)
+        try:
+            async with deadline:
+                result = await connector.run(ctx)
+        except asyncio.CancelledError:
+            # The worker is shutting down: hand the job back for an immediate rerun.
+            await conn.rollback()
+            await conn.execute(
+                Q["abandon_run"],
+                {"run_id": job.run_id, "reason": "the worker shut down before the run finished"},
+            )
+            await conn.commit()
+            log.warning("run abandoned: the worker is shutting down")
+            raise
+        except FencedError as exc:
+            await conn.rollback()
+            log.warning("run fenced off, nothing committed: %s", exc)
+            return None
+        except Exception as exc:
+            if conn.broken:
+                raise psycopg.OperationalError(str(exc)) from exc
+            await conn.rollback()
+            failure = classify(exc, timed_out=deadline.expired())
+            log.error("run failed (%s): %s", failure.error_type, failure.message)
+            if failure.error_type == "config_invalid":
+                plan = schedule.after_invalid_config(
+                    sched.next_slot(job.scheduled_for, clock.now()),
+                    job.retry_count,
+                    failure.message,
+                )
+            else:
+                plan = schedule.after_failure(
+                    sched,
+                    job.scheduled_for,
+                    clock.now(),
+                    retry_count=job.retry_count,
+                    max_retries=job.max_retries,
+                    backoff_seconds=job.retry_backoff_seconds,
+                    rand=self.rand(),
+                    error=failure.message,
+                    max_backoff=self.max_backoff,
+                )
+            return await self._finish(
+                conn,
+                job,
+                "failed",
+                RunResult(),
+                plan,
+                failure,
+                ctx.errors,
+                failed_records=ctx.failed_records,
+            )
+
+        status = "partial" if ctx.failed_records else "success"
+        plan = schedule.after_success(sched, job.scheduled_for, clock.now())
+        return await self._finish(
+            conn, job, status, result, plan, None, ctx.errors, failed_records=ctx.failed_records
+        )
+
+    async def _finish(
+        self,
+        conn: AsyncConnection[TupleRow],
+        job: Job,
+        status: str,
+        result: RunResult,
+        plan: schedule.Plan,
+        failure: Failure | None,
+        record_errors: list[Any],
+        failed_records: int = 0,
+    ) -> str:
+        """Record the run's end, its errors and the job's next slot in one fenced transaction."""
+        base = {"integration_id": job.id, "run_id": job.run_id, "context": Jsonb({})}
+        rows = [
+            {
+                **base,
+                "error_type": e.error_type,
+                "message": redact(e.message)[:MAX_ERROR_TEXT],
+                "detail": e.detail and redact(e.detail),
+                "record_key": e.record_key and redact(e.record_key),
+                "context": Jsonb(redact_value(e.context)),
+            }
+            for e in record_errors
+        ]
+        if failed_records > len(record_errors):
+            rows.append(
+                {
+                    **base,
+                    "error_type": "record_invalid",
+                    "record_key": None,
+                    "detail": None,
+                    "message": f"{failed_records - len(record_errors)} more failed records not kept",
+                }
+            )
+        if failure is not None:
+            rows.append(
+                {
+                    **base,
+                    "error_type": failure.error_type,
+                    "message": failure.message,
+                    "detail": failure.detail,
+                    "record_key": None,
+                }
+            )
+        async with conn.cursor() as cur:
+            if rows:
+                await cur.executemany(Q["record_error"], rows)
+            await cur.execute(
+                Q["finish_run"],
+                {
+                    "run_id": job.run_id,
+                    "status": status,
+                    "records_processed": result.records_processed,
+                    "records_failed": failed_records,
+                    "records_inserted": result.inserted,
+                    "records_updated": result.updated,
+                    "records_deleted": result.deleted,
+                    "error_type": failure and failure.error_type,
+                    "error": failure and failure.message,
+                    "state": None if result.state is None else Jsonb(result.state),
+                    "retry_count": plan.retry_count,
+                    "disabled_reason": plan.disabled_reason,
+                    "next_sync_at": plan.next_sync_at,
+                    "slot": plan.slot,
+                    "scheduled_sync_at": plan.scheduled_sync_at,
+                },
+            )
+            if await cur.fetchone() is None:
+                await conn.rollback()
+                log.warning("run fenced off at commit: it is no longer the live run")
+                return "abandoned"
+            if plan.disabled_reason:
+                await cur.execute(
+                    Q["send_alert"],
+                    {
+                        "payload": json.dumps(
+                            {
+                                "integration": job.name,
+                                "integration_id": job.id,
+                                "run_id": job.run_id,
+                                "error_type": failure and failure.error_type,
+                                "reason": plan.disabled_reason,
+                            }
+                        )
+                    },
+                )
+        await conn.commit()
+        if plan.disabled_reason:
+            log.error("job disabled: %s", plan.disabled_reason)
+        log.info(
+            "run finished: %s, %s records, %s failed, next at %s",
+            status,
+            result.records_processed,
+            failed_records,
+            plan.next_sync_at,
+        )
+        return status
+
+    async def _abandon(self, job: Job, reason: str) -> None:
+        """Hand the job back through another session, retrying while the database is away."""
+        delay = 0.2
+        while True:
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(Q["abandon_run"], {"run_id": job.run_id, "reason": reason})
+                return
+            except psycopg.OperationalError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+class _DbClock:
+    """The database's clock, read once at the start of a run and advanced locally."""
+
+    def __init__(self, db_now: datetime) -> None:
+        self._start = db_now
+        self._mono = time.monotonic()
+
+    def now(self) -> datetime:
+        return self._start + timedelta(seconds=time.monotonic() - self._mono)

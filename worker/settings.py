@@ -1,0 +1,136 @@
+"""Daemon settings: every flag of `syncworker run` and its SYNCWORKER_* environment variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A flag or environment variable has a value that cannot be used."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingsError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise SettingsError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingsError(f"expected a positive number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise SettingsError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise SettingsError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text.lower()
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "SYNCWORKER_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+# The single list of daemon settings; the CLI, the README table and the tests read it.
+SETTINGS = [
+    Setting("concurrency", 4, positive_int, "jobs this replica runs at once"),
+    Setting(
+        "mode",
+        "active",
+        one_of("active", "single"),
+        "active: every replica runs jobs; single: only the leader does, the rest stand by",
+    ),
+    Setting(
+        "poll_interval",
+        60.0,
+        positive_float,
+        "longest sleep between looks at the table (NOTIFY and due times wake it sooner)",
+    ),
+    Setting(
+        "grace_period",
+        30.0,
+        positive_float,
+        "seconds to let running jobs finish after SIGTERM before they are cancelled",
+    ),
+    Setting(
+        "heartbeat_interval",
+        30.0,
+        positive_float,
+        "seconds between heartbeats in syncworker.workers",
+    ),
+    Setting(
+        "rescue_interval",
+        1.0,
+        positive_float,
+        "leader: seconds between checks for runs whose worker died, while runs exist",
+    ),
+    Setting("retention_days", 30, positive_int, "leader: days to keep finished runs and resolved errors"),
+    Setting("max_backoff", 21600.0, positive_float, "longest delay between retries of a failing job"),
+    Setting("log_format", "text", one_of("text", "json"), "text or json (one object per line)"),
+    Setting("log_level", "info", one_of("debug", "info", "warning", "error"), "log level"),
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    concurrency: int = 4
+    mode: str = "active"
+    poll_interval: float = 60.0
+    grace_period: float = 30.0
+    heartbeat_interval: float = 30.0
+    rescue_interval: float = 1.0
+    retention_days: int = 30
+    max_backoff: float = 21600.0
+    log_format: str = "text"
+    log_level: str = "info"
+    database_url: str = ""
+
+    @classmethod
+    def load(
+        cls,
+        flags: Mapping[str, str | None],
+        env: Mapping[str, str] | None = None,
+        database_url: str = "",
+    ) -> Settings:
+        """Flags win over SYNCWORKER_* variables, which win over defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {"database_url": database_url}
+        for setting in SETTINGS:
+            raw = flags.get(setting.name)
+            source = setting.flag
+            if raw is None:
+                raw, source = env.get(setting.env), setting.env
+            if raw is None or raw == "":
+                continue
+            try:
+                values[setting.name] = setting.parse(str(raw))
+            except SettingsError as exc:
+                raise SettingsError(f"{source}: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

@@ -14,6 +14,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from worker import __version__, db
+from worker.connectors.base import ConfigError
 from worker.queries import Q
 from worker.settings import SETTINGS, Settings, SettingsError
 
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     errors = sub.add_parser("errors", parents=[common], help="unresolved errors, newest first")
     errors.add_argument("name", nargs="?", help="only this integration")
     errors.add_argument("--limit", type=_positive, default=50)
+
+    once = sub.add_parser("run-once", parents=[common], help="run one integration now, in the foreground")
+    once.add_argument("name")
+    once.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
+    once.add_argument("--log-format", choices=["text", "json"], default="text")
 
     sub.add_parser(
         "check",
@@ -286,6 +292,31 @@ def cmd_check(args: argparse.Namespace, url: str) -> int:
     return 0
 
 
+def cmd_run_once(args: argparse.Namespace, url: str) -> int:
+    from worker import logs
+    from worker.oneshot import OneShotError, run_once
+
+    logs.setup(args.log_format, "info")
+    try:
+        outcome = asyncio.run(run_once(url, args.name, dry_run=args.dry_run))
+    except OneShotError as exc:
+        raise CliError(str(exc)) from None
+    except ConfigError as exc:
+        raise CliError(f"{args.name}: invalid configuration: {exc}") from None
+    if args.dry_run:
+        result = outcome.result
+        assert result is not None
+        print(
+            f"dry run of {args.name}: would insert {result.inserted}, update {result.updated}, "
+            f"delete {result.deleted} ({result.records_processed} records read, "
+            f"{outcome.failed_records} failed); nothing was written"
+        )
+        print(f"state after the run would be: {json.dumps(outcome.state, default=str)}")
+        return 0
+    print(f"{args.name}: run {outcome.run_id} {outcome.status or 'was given up'}")
+    return 0 if outcome.status in ("success", "partial") else 1
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
     "migrate": cmd_migrate,
     "run": cmd_run,
@@ -294,6 +325,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
     "history": cmd_history,
     "errors": cmd_errors,
     "check": cmd_check,
+    "run-once": cmd_run_once,
 }
 
 

@@ -211,3 +211,27 @@ SELECT e.id, i.name, e.created_at, e.error_type, e.record_key, e.message, e.run_
 -- Every job, for `syncworker check`.
 SELECT id, name, kind, config, interval_seconds, cron, timezone, enabled
   FROM syncworker.integrations ORDER BY name;
+
+-- name: claim_by_name
+-- `run-once`: open a manual run of one job now, if it is not already running.
+WITH job AS (
+  SELECT id, coalesce(scheduled_sync_at, next_sync_at) AS slot, retry_count
+    FROM syncworker.integrations
+   WHERE name = %(name)s AND running_run_id IS NULL
+     FOR UPDATE NOWAIT
+), runs AS (
+  INSERT INTO syncworker.sync_runs (integration_id, trigger, attempt, worker_id, scheduled_for, locked_at)
+  SELECT id, 'manual', retry_count + 1, NULL, slot, clock_timestamp() FROM job
+  RETURNING id, integration_id, trigger, attempt, scheduled_for
+)
+UPDATE syncworker.integrations i
+   SET running_run_id = runs.id, pending_trigger = NULL, scheduled_sync_at = NULL
+  FROM runs
+ WHERE i.id = runs.integration_id
+RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i.timezone,
+          i.max_retries, i.retry_backoff_seconds, i.timeout_seconds, i.retry_count,
+          runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for;
+
+-- name: try_lock_integration
+-- `run-once`: take the integration lock unless a run holds it.
+SELECT pg_try_advisory_lock(syncworker.lock_key('integration'), %(integration_id)s) AS locked;

@@ -88,8 +88,8 @@ class Runner:
 
     def __init__(
         self,
-        run_pool: AsyncConnectionPool[AsyncConnection[TupleRow]],
-        pool: AsyncConnectionPool[AsyncConnection[TupleRow]],
+        run_pool: AsyncConnectionPool[AsyncConnection[TupleRow]] | None,
+        pool: AsyncConnectionPool[AsyncConnection[TupleRow]] | None,
         *,
         max_backoff: float = schedule.DEFAULT_MAX_BACKOFF,
         rand: Callable[[], float] = random.random,
@@ -103,19 +103,32 @@ class Runner:
         """Run `job` to its end; returns the final status, or None if the run was given up."""
         logs.bind(job.name, job.run_id)
         log.info("run started (trigger=%s, attempt=%s)", job.trigger, job.attempt)
-        try:
-            async with self.run_pool.connection() as conn:
-                return await self._run_on(conn, job)
-        except psycopg.OperationalError as exc:
-            # The session (and with it the lock) is gone: nothing of this run may commit.
-            log.warning("run lost its database session: %s", redact(str(exc)))
-            await self._abandon(job, f"the run lost its database session: {redact(str(exc))[:300]}")
-            return None
+        assert self.run_pool is not None
+        for _ in range(3):
+            try:
+                async with self.run_pool.connection() as conn:
+                    return await self._run_on(conn, job)
+            except _StaleSession:
+                continue  # a pooled session died while idle (e.g. a server restart): take another
+            except psycopg.OperationalError as exc:
+                # The session (and with it the lock) is gone: nothing of this run may commit.
+                log.warning("run lost its database session: %s", redact(str(exc)))
+                await self._abandon(job, f"the run lost its database session: {redact(str(exc))[:300]}")
+                return None
+        await self._abandon(job, "no working database session for the run")
+        return None
+
+    async def run_on(self, conn: AsyncConnection[TupleRow], job: Job) -> str | None:
+        """Run `job` on a session of the caller's (`run-once`)."""
+        return await self._run_on(conn, job)
 
     async def _run_on(self, conn: AsyncConnection[TupleRow], job: Job) -> str | None:
-        cur = await conn.execute(Q["begin_run"], {"run_id": job.run_id, "integration_id": job.id})
-        row = await cur.fetchone()
-        await conn.commit()
+        try:
+            cur = await conn.execute(Q["begin_run"], {"run_id": job.run_id, "integration_id": job.id})
+            row = await cur.fetchone()
+            await conn.commit()
+        except psycopg.OperationalError as exc:
+            raise _StaleSession from exc
         try:
             if row is None:
                 log.info("run was abandoned before it started; dropping it")
@@ -127,6 +140,32 @@ class Runner:
                 await conn.rollback()
                 await conn.execute(Q["unlock_integration"], {"integration_id": job.id})
                 await conn.commit()
+
+    def _context(
+        self, conn: AsyncConnection[TupleRow], job: Job, config: Any, *, dry_run: bool = False
+    ) -> RunContext:
+        return RunContext(
+            integration_id=job.id,
+            name=job.name,
+            kind=job.kind,
+            run_id=job.run_id,
+            config=config,
+            state=dict(job.state),
+            conn=conn,
+            log=logging.getLogger(f"syncworker.connector.{job.kind}"),
+            trigger=job.trigger,
+            dry_run=dry_run,
+        )
+
+    async def preview(self, conn: AsyncConnection[TupleRow], job: Job) -> tuple[RunResult, RunContext]:
+        """Run the connector in dry-run mode and roll everything back (`run-once --dry-run`)."""
+        connector = connectors.get(job.kind)
+        ctx = self._context(conn, job, connector.validate(job.config), dry_run=True)
+        try:
+            async with asyncio.timeout(job.timeout_seconds):
+                return await connector.run(ctx), ctx
+        finally:
+            await conn.rollback()
 
     async def _execute(self, conn: AsyncConnection[TupleRow], job: Job, clock: _DbClock) -> str | None:
         sched: schedule.Schedule | None = None
@@ -141,22 +180,11 @@ class Runner:
             log.error("invalid configuration: %s", failure.message)
             return await self._finish(conn, job, "failed", RunResult(), plan, failure, [])
 
-        ctx = RunContext(
-            integration_id=job.id,
-            name=job.name,
-            kind=job.kind,
-            run_id=job.run_id,
-            config=config,
-            state=dict(job.state),
-            conn=conn,
-            log=logging.getLogger(f"syncworker.connector.{job.kind}"),
-            trigger=job.trigger,
-        )
+        ctx = self._context(conn, job, config)
 
         async def checkpoint(state: dict[str, Any]) -> None:
             cur = await conn.execute(
-                Q["save_state"],
-                {"state": Jsonb(state), "integration_id": job.id, "run_id": job.run_id},
+                Q["save_state"], {"state": Jsonb(state), "integration_id": job.id, "run_id": job.run_id}
             )
             if await cur.fetchone() is None:
                 raise FencedError(f"run {job.run_id} is no longer the live run of {job.name}")
@@ -322,6 +350,7 @@ class Runner:
 
     async def _abandon(self, job: Job, reason: str) -> None:
         """Hand the job back through another session, retrying while the database is away."""
+        assert self.pool is not None
         delay = 0.2
         while True:
             try:
@@ -331,6 +360,10 @@ class Runner:
             except psycopg.OperationalError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+class _StaleSession(Exception):
+    """The session failed before the run took its lock: nothing happened yet, retry elsewhere."""
 
 
 class _DbClock:

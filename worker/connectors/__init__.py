@@ -39,6 +39,9 @@ ENTRY_POINT_GROUP = "syncworker.connectors"
 BUILTINS = {
     "sql": "worker.connectors.sql:SqlConnector",
     "python": "worker.connectors.python:PythonConnector",
+    "http": "worker.connectors.http:HttpConnector",
+    "postgres": "worker.connectors.postgres:PostgresConnector",
+    "redis": "worker.connectors.redis:RedisConnector",
 }
 
 _cache: dict[str, Connector] = {}

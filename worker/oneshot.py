@@ -1,0 +1,72 @@
+"""`syncworker run-once NAME [--dry-run]`: one run of one job in the foreground."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from worker import db
+from worker.connectors.base import RunResult
+from worker.queries import Q
+from worker.runner import Job, Runner
+
+
+class OneShotError(Exception):
+    """The job cannot be run now (unknown name, already running)."""
+
+
+@dataclass(frozen=True)
+class OneShot:
+    status: str | None  # the run's final status; None for a dry run or a run given up
+    run_id: int | None
+    result: RunResult | None = None  # dry runs: what would have been written
+    state: dict[str, Any] | None = None
+    failed_records: int = 0
+
+
+async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
+    runner = Runner(None, None)
+    async with await psycopg.AsyncConnection.connect(url, **db.connect_kwargs("syncworker run-once")) as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(Q["integration_by_name"], {"name": name})
+        row = await cur.fetchone()
+        await conn.commit()
+        if row is None:
+            raise OneShotError(f'no integration named "{name}"')
+        if dry_run:
+            job = Job.from_row(
+                {
+                    **row,
+                    "run_id": 0,
+                    "trigger": "manual",
+                    "attempt": row["retry_count"] + 1,
+                    "scheduled_for": None,
+                }
+            )
+            result, ctx = await runner.preview(conn, job)
+            return OneShot(None, None, result, ctx.state, ctx.failed_records)
+        await cur.execute(Q["try_lock_integration"], {"integration_id": row["id"]})
+        locked = await cur.fetchone()
+        await conn.commit()
+        if not locked or not locked["locked"]:
+            raise OneShotError(f"{name} is running on a worker right now; try again when it finishes")
+        try:
+            try:
+                await cur.execute(Q["claim_by_name"], {"name": name})
+                claimed = await cur.fetchone()
+            except psycopg.errors.LockNotAvailable:
+                claimed = None
+            await conn.commit()
+            if claimed is None:
+                raise OneShotError(f"{name} is being started by a worker right now")
+            job = Job.from_row(claimed)
+            status = await runner.run_on(conn, job)
+            return OneShot(status, job.run_id)
+        finally:
+            if not conn.broken:
+                await conn.rollback()
+                await conn.execute(Q["unlock_integration"], {"integration_id": row["id"]})
+                await conn.commit()

@@ -49,6 +49,7 @@ class Worker:
         self._duties_task: asyncio.Task[None] | None = None
         self._services: list[asyncio.Task[None]] = []
         self._failed: BaseException | None = None
+        self.heartbeat: Heartbeat | None = None
         self.pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
             self.url,
             min_size=1,
@@ -146,6 +147,8 @@ class Worker:
         elif self._duties_task is not None:
             self._duties_task.cancel()
             self._duties_task, self.duties = None, None
+        if self.heartbeat is not None:
+            self.heartbeat.beat_soon()
         self.alarm.ring_now()
 
     def _service(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -170,14 +173,14 @@ class Worker:
         await self.run_pool.open()
         self._service(self.listener.run(first), "listener")
         assert self.listener.worker_id is not None
-        heartbeat = Heartbeat(
+        self.heartbeat = Heartbeat(
             self.pool,
             self.listener.worker_id,
             self.settings.heartbeat_interval,
             running=lambda: len(self.active),
             leader=lambda: self.leadership.is_leader,
         )
-        self._service(heartbeat.run(), "heartbeat")
+        self._service(self.heartbeat.run(), "heartbeat")
         self._service(self.leadership.run(), "leadership")
         interval = self.notifier.watchdog_interval()
         if interval:

@@ -33,6 +33,8 @@ PRUNE_BATCH = 5000
 
 
 class Heartbeat:
+    """Writes heartbeat_at, the number of running jobs and the leader flag to syncworker.workers."""
+
     def __init__(
         self,
         pool: Pool,
@@ -43,6 +45,11 @@ class Heartbeat:
     ) -> None:
         self.pool, self.worker_id, self.interval = pool, worker_id, interval
         self.running, self.leader = running, leader
+        self._soon = asyncio.Event()
+
+    def beat_soon(self) -> None:
+        """Write now rather than at the next interval (e.g. leadership changed)."""
+        self._soon.set()
 
     async def run_once(self) -> None:
         async with self.pool.connection() as conn:
@@ -53,11 +60,16 @@ class Heartbeat:
 
     async def run(self) -> None:
         while True:
+            self._soon.clear()
             try:
                 await self.run_once()
             except psycopg.OperationalError as exc:
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(self.interval)
+            try:
+                async with asyncio.timeout(self.interval):
+                    await self._soon.wait()
+            except TimeoutError:
+                pass
 
 
 class Leadership:

@@ -1,0 +1,126 @@
+"""Test helpers: real worker processes, waiting on conditions with deadlines, quick queries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def rows(url: str, sql: str, params: Any = None) -> list[dict[str, Any]]:
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def one(url: str, sql: str, params: Any = None) -> Any:
+    found = rows(url, sql, params)
+    return next(iter(found[0].values())) if found else None
+
+
+def execute(url: str, sql: str, params: Any = None) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql, params)
+
+
+def add_job(
+    url: str, name: str, kind: str = "sql", config: dict[str, Any] | None = None, **columns: Any
+) -> int:
+    from psycopg.types.json import Jsonb
+
+    cols = {
+        "name": name,
+        "kind": kind,
+        "config": Jsonb(config or {}),
+        **{k: Jsonb(v) if isinstance(v, dict) else v for k, v in columns.items()},
+    }
+    names = ", ".join(cols)
+    marks = ", ".join(f"%({c})s" for c in cols)
+    return int(one(url, f"INSERT INTO syncworker.integrations ({names}) VALUES ({marks}) RETURNING id", cols))
+
+
+def worker_env(url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCWORKER_")}
+    env.update({"SYNCWORKER_DATABASE_URL": url, "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """A real `syncworker run` process whose output goes to a file."""
+
+    def __init__(self, url: str, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run", *args],
+            env=env or worker_env(url),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        self._log.close()
+
+
+@contextmanager
+def workers(
+    url: str, tmp_path: Path, count: int = 1, *args: str, env: dict[str, str] | None = None
+) -> Iterator[list[WorkerProcess]]:
+    procs = [WorkerProcess(url, tmp_path / f"worker{i}.log", *args, env=env) for i in range(count)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+        for p in procs:
+            print(f"--- {p.log_path.name} ---\n{p.output()[-4000:]}")
+
+
+def worker_ids_live(url: str) -> int:
+    return int(one(url, "SELECT count(*) FROM syncworker.workers WHERE stopped_at IS NULL") or 0)

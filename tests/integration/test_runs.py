@@ -1,0 +1,216 @@
+"""What one run does to the job's row, its history and its errors (runs through `run-once`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from helpers import add_job, execute, one, rows
+from worker.oneshot import OneShotError, run_once
+
+
+def py(callable_: str, **options: object) -> dict[str, object]:
+    return {"callable": callable_, "options": options}
+
+
+def run(url: str, name: str, dry_run: bool = False):  # noqa: ANN201
+    return asyncio.run(run_once(url, name, dry_run=dry_run))
+
+
+def job(url: str, name: str) -> dict[str, object]:
+    return rows(url, "SELECT * FROM syncworker.integrations WHERE name = %s", (name,))[0]
+
+
+def test_sql_job_success_records_the_run_and_reschedules_on_its_grid(jobdb: str) -> None:
+    add_job(
+        jobdb,
+        "tick",
+        "sql",
+        {"statement": "INSERT INTO public.ticks DEFAULT VALUES"},
+        interval_seconds=3600,
+        next_sync_at="2026-01-01T00:00:00Z",
+    )
+    outcome = run(jobdb, "tick")
+    assert outcome.status == "success"
+    row = job(jobdb, "tick")
+    assert row["last_status"] == "success" and row["retry_count"] == 0 and row["running_run_id"] is None
+    assert row["last_success_at"] is not None
+    # Slots stay on the grid the schedule started on: whole hours after 2026-01-01 00:00.
+    nxt = row["next_sync_at"]
+    assert nxt.minute == 0 and nxt.second == 0 and nxt.microsecond == 0
+    assert timedelta(0) < nxt - row["last_sync_at"] <= timedelta(hours=1)
+    run_row = rows(jobdb, "SELECT * FROM syncworker.sync_runs")[0]
+    assert run_row["status"] == "success" and run_row["trigger"] == "manual"
+    assert run_row["records_processed"] == 1 and run_row["duration_ms"] is not None
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") == 1
+
+
+def test_sql_statement_and_run_record_commit_together(jobdb: str) -> None:
+    add_job(jobdb, "half", "sql", {"statement": "INSERT INTO public.ticks (id) VALUES (1), (1)"})
+    outcome = run(jobdb, "half")
+    assert outcome.status == "failed"
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") == 0
+    err = rows(jobdb, "SELECT error_type, message FROM syncworker.sync_errors")[0]
+    assert err["error_type"] == "sql_error" and "duplicate key" in err["message"]
+
+
+def test_python_job_sync_function_updates_state(jobdb: str) -> None:
+    add_job(jobdb, "counter", "python", py("jobs:count_up"))
+    run(jobdb, "counter")
+    run(jobdb, "counter")
+    assert job(jobdb, "counter")["state"] == {"n": 2}
+    assert one(jobdb, "SELECT sum(records_processed) FROM syncworker.sync_runs") == 6
+
+
+def test_record_errors_make_a_partial_run_and_are_kept_with_their_keys(jobdb: str) -> None:
+    add_job(jobdb, "orders", "python", py("jobs:some_records_fail"))
+    assert run(jobdb, "orders").status == "partial"
+    errs = rows(
+        jobdb, "SELECT record_key, error_type, message, run_id FROM syncworker.sync_errors ORDER BY id"
+    )
+    assert [e["record_key"] for e in errs] == ["order-17", "order-23"]
+    assert all(e["error_type"] == "record_invalid" and e["run_id"] for e in errs)
+    assert job(jobdb, "orders")["state"] == {"cursor": "c10"}
+    assert one(jobdb, "SELECT records_failed FROM syncworker.sync_runs") == 2
+
+
+def test_failures_back_off_exponentially_then_disable_with_an_alert(jobdb: str) -> None:
+    add_job(
+        jobdb,
+        "flaky",
+        "python",
+        py("jobs:fail", message="upstream said no"),
+        interval_seconds=60,
+        max_retries=3,
+        retry_backoff_seconds=100,
+    )
+    with psycopg.connect(jobdb, autocommit=True) as listener:
+        listener.execute("LISTEN syncworker_alerts")
+        delays = []
+        for _ in range(2):
+            run(jobdb, "flaky")
+            row = job(jobdb, "flaky")
+            delays.append((row["next_sync_at"] - row["last_sync_at"]).total_seconds())
+        assert 80 <= delays[0] <= 120  # 100 s ± 20 % jitter
+        assert 160 <= delays[1] <= 240  # doubled
+        assert job(jobdb, "flaky")["retry_count"] == 2 and job(jobdb, "flaky")["enabled"]
+        run(jobdb, "flaky")
+        row = job(jobdb, "flaky")
+        assert not row["enabled"] and row["retry_count"] == 3
+        assert (
+            "3 failures in a row" in row["disabled_reason"] and "upstream said no" in row["disabled_reason"]
+        )
+        alerts = list(listener.notifies(timeout=2, stop_after=1))
+    payload = json.loads(alerts[0].payload)
+    assert payload["integration"] == "flaky" and "upstream said no" in payload["reason"]
+    assert [r["trigger"] for r in rows(jobdb, "SELECT trigger FROM syncworker.sync_runs ORDER BY id")] == [
+        "manual",
+        "manual",
+        "manual",
+    ]
+
+
+def test_a_success_resets_the_retry_count(jobdb: str) -> None:
+    add_job(jobdb, "recovering", "python", py("jobs:fail"), max_retries=5)
+    run(jobdb, "recovering")
+    assert job(jobdb, "recovering")["retry_count"] == 1
+    execute(
+        jobdb,
+        """UPDATE syncworker.integrations SET config = '{"callable": "jobs:count_up"}'
+                      WHERE name = 'recovering'""",
+    )
+    run(jobdb, "recovering")
+    assert job(jobdb, "recovering")["retry_count"] == 0
+
+
+def test_timeout_cancels_the_run(jobdb: str) -> None:
+    add_job(jobdb, "slow", "sql", {"statement": "SELECT pg_sleep(30)"}, timeout_seconds=1)
+    outcome = run(jobdb, "slow")
+    assert outcome.status == "failed"
+    run_row = rows(jobdb, "SELECT error_type, duration_ms FROM syncworker.sync_runs")[0]
+    assert run_row["error_type"] == "timeout" and run_row["duration_ms"] < 5000
+    # The statement was cancelled on the server too.
+    assert one(jobdb, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%%'") == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "expected"),
+    [
+        ("nope", {}, 'unknown kind "nope"'),
+        ("sql", {}, "statement: is required"),
+        ("sql", {"statement": 5}, "statement: expected"),
+        (
+            "sql",
+            {"statement": "select 1", "dsn": "postgresql://u:hunter22@h/db"},
+            "dsn: expected a secret reference",
+        ),
+        ("sql", {"statement": "select 1", "colour": "red"}, "colour: unknown setting"),
+        ("python", {"callable": "no_such_module:f"}, "cannot load no_such_module:f"),
+        ("python", {"callable": "jobs:NOT_CALLABLE"}, "is not callable"),
+        ("python", {"callable": "just a string"}, 'expected "module:function"'),
+    ],
+)
+def test_invalid_config_fails_the_run_and_disables_the_job(
+    jobdb: str, kind: str, config: dict[str, object], expected: str
+) -> None:
+    add_job(jobdb, "broken", kind, config, interval_seconds=60)
+    assert run(jobdb, "broken").status == "failed"
+    row = job(jobdb, "broken")
+    assert not row["enabled"] and expected in row["disabled_reason"]
+    err = rows(jobdb, "SELECT error_type, message FROM syncworker.sync_errors")[0]
+    assert err["error_type"] == "config_invalid" and expected in err["message"]
+    assert "hunter22" not in json.dumps(rows(jobdb, "SELECT * FROM syncworker.sync_errors"), default=str)
+
+
+def test_bad_return_value_fails_clearly(jobdb: str) -> None:
+    add_job(jobdb, "odd", "python", py("jobs:not_a_result"))
+    assert run(jobdb, "odd").status == "failed"
+    assert "returned int" in job(jobdb, "odd")["last_error"]
+
+
+def test_sql_job_on_another_database_through_a_secret(
+    jobdb: str, empty_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    execute(empty_db, "CREATE TABLE t (x int)")
+    monkeypatch.setenv("OTHER_DSN", empty_db)
+    add_job(
+        jobdb,
+        "remote",
+        "sql",
+        {
+            "statement": "INSERT INTO t SELECT generate_series(1, %(n)s)",
+            "params": {"n": 5},
+            "dsn": {"env": "OTHER_DSN"},
+        },
+    )
+    assert run(jobdb, "remote").status == "success"
+    assert one(empty_db, "SELECT count(*) FROM t") == 5
+    assert one(jobdb, "SELECT records_processed FROM syncworker.sync_runs") == 5
+
+
+def test_missing_secret_fails_with_its_name_not_its_value(jobdb: str) -> None:
+    add_job(jobdb, "nosecret", "sql", {"statement": "select 1", "dsn": {"env": "SW_TEST_UNSET_DSN"}})
+    assert run(jobdb, "nosecret").status == "failed"
+    assert "SW_TEST_UNSET_DSN is not set" in job(jobdb, "nosecret")["last_error"]
+
+
+def test_dry_run_writes_nothing(jobdb: str) -> None:
+    add_job(jobdb, "tick", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"})
+    outcome = run(jobdb, "tick", dry_run=True)
+    assert outcome.status is None and outcome.result.records_processed == 1
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") == 0
+    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs") == 0
+
+
+def test_run_once_refuses_unknown_names_and_running_jobs(jobdb: str) -> None:
+    with pytest.raises(OneShotError, match='no integration named "ghost"'):
+        run(jobdb, "ghost")
+    job_id = add_job(jobdb, "busy", "sql", {"statement": "select 1"})
+    with psycopg.connect(jobdb, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(syncworker.lock_key('integration'), %s)", (job_id,))
+        with pytest.raises(OneShotError, match="running on a worker"):
+            run(jobdb, "busy")

@@ -1,0 +1,68 @@
+"""Python jobs used by the tests (importable by worker processes through PYTHONPATH)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import psycopg
+
+from worker.connectors.base import RunContext, RunResult
+
+
+def _note(ctx: RunContext, event: str) -> None:
+    """Record an event outside the run's transaction, visible at once to the test."""
+    url = os.environ.get("SYNCWORKER_DATABASE_URL") or ctx.config.options["url"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO public.job_events (integration, run_id, event, pid) VALUES (%s, %s, %s, %s)",
+            (ctx.name, ctx.run_id, event, os.getpid()),
+        )
+
+
+def count_up(ctx: RunContext) -> dict[str, Any]:
+    """Sync job: increments a counter in its state."""
+    return {"records_processed": 3, "state": {"n": int(ctx.state.get("n", 0)) + 1}}
+
+
+async def fail(ctx: RunContext) -> RunResult:
+    raise RuntimeError(ctx.config.options.get("message", "upstream said no"))
+
+
+async def some_records_fail(ctx: RunContext) -> RunResult:
+    ctx.record_error("order-17", "amount is not a number")
+    ctx.record_error("order-23", "missing customer id")
+    return RunResult(records_processed=10, state={"cursor": "c10"})
+
+
+async def sleep(ctx: RunContext) -> RunResult:
+    """Sleeps `seconds`, noting start and end in public.job_events."""
+    await asyncio.to_thread(_note, ctx, "start")
+    await asyncio.sleep(float(ctx.config.options.get("seconds", 1)))
+    await asyncio.to_thread(_note, ctx, "end")
+    return RunResult(records_processed=1, state={"done": True})
+
+
+def sleep_blocking(ctx: RunContext) -> RunResult:
+    _note(ctx, "start")
+    time.sleep(float(ctx.config.options.get("seconds", 1)))
+    _note(ctx, "end")
+    return RunResult(records_processed=1)
+
+
+async def write_then_sleep(ctx: RunContext) -> RunResult:
+    """Writes a row through the run's transaction, checkpoints state, then sleeps."""
+    await ctx.conn.execute("INSERT INTO public.job_rows (run_id) VALUES (%s)", (ctx.run_id,))
+    await asyncio.to_thread(_note, ctx, "start")
+    await asyncio.sleep(float(ctx.config.options.get("seconds", 1)))
+    await ctx.conn.execute("INSERT INTO public.job_rows (run_id) VALUES (%s)", (ctx.run_id,))
+    return RunResult(records_processed=2, state={"last_run": ctx.run_id})
+
+
+def not_a_result(ctx: RunContext) -> int:
+    return 42
+
+
+NOT_CALLABLE = 5

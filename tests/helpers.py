@@ -57,7 +57,7 @@ def add_job(
     cols = {
         "name": name,
         "kind": kind,
-        "config": Jsonb(config or {}),
+        "config": Jsonb({} if config is None else config),
         **{k: Jsonb(v) if isinstance(v, dict) else v for k, v in columns.items()},
     }
     names = ", ".join(cols)

@@ -96,8 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except psycopg.errors.UndefinedFunction:
         _fail(f"the syncworker schema in {db.describe_target(url)} is out of date: run `syncworker migrate`")
     except psycopg.OperationalError as exc:
-        first_line = db.redact_dsn(str(exc)).strip().splitlines()[0] if str(exc).strip() else "unreachable"
-        _fail(f"cannot connect to {db.describe_target(url)}: {first_line}")
+        _fail(f"cannot connect to {db.describe_target(url)}: {db.connection_problem(exc)}")
     except psycopg.Error as exc:
         message = (exc.diag.message_primary or str(exc)).strip()
         hint = f" ({exc.diag.message_hint})" if exc.diag.message_hint else ""

@@ -204,7 +204,7 @@ class Worker:
                 self.url, autocommit=True, **db.connect_kwargs("syncworker listener")
             )
         except psycopg.OperationalError as exc:
-            raise StartupError(f"cannot connect to {target}: {db.redact_dsn(str(exc)).strip()}") from None
+            raise StartupError(f"cannot connect to {target}: {db.connection_problem(exc)}") from None
         row = await (await conn.execute(Q["schema_version"])).fetchone()
         await conn.close()
         if not row or not row[0]:

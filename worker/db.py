@@ -54,7 +54,7 @@ def _parse_keyvalue(dsn: str) -> dict[str, str]:
 
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
-_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_KV_PASSWORD = re.compile(r"(?<![?&\w])(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _QUERY_PASSWORD = re.compile(r"([?&]password=)([^&\s]+)", re.IGNORECASE)
 
 
@@ -77,3 +77,9 @@ def describe_target(url: str) -> str:
     port = info.get("port") or os.environ.get("PGPORT") or "5432"
     name = info.get("dbname") or os.environ.get("PGDATABASE") or "(default database)"
     return f"{host}:{port}/{name}"
+
+
+def connection_problem(exc: BaseException) -> str:
+    """The first line of a connection error, passwords masked: enough for a one-line message."""
+    text = redact_dsn(str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

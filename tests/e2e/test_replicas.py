@@ -205,7 +205,7 @@ def test_insert_wakes_workers_at_once_and_due_times_are_kept(jobdb: str, tmp_pat
         execute(
             jobdb,
             """INSERT INTO syncworker.integrations (name, kind, config, next_sync_at)
-                          VALUES ('later', 'sql', '{"statement": "select 1"}', now() + interval '2 seconds')""",
+               VALUES ('later', 'sql', '{"statement": "select 1"}', now() + interval '2 seconds')""",
         )
         wait_for(
             lambda: one(
@@ -219,8 +219,8 @@ def test_insert_wakes_workers_at_once_and_due_times_are_kept(jobdb: str, tmp_pat
         lag = one(
             jobdb,
             """SELECT extract(epoch FROM r.started_at - i.created_at)
-                              FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id
-                             WHERE i.name = 'later'""",
+                 FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id
+                WHERE i.name = 'later'""",
         )
         assert 2.0 <= float(lag) < 3.0
 

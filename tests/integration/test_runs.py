@@ -17,7 +17,7 @@ def py(callable_: str, **options: object) -> dict[str, object]:
     return {"callable": callable_, "options": options}
 
 
-def run(url: str, name: str, dry_run: bool = False):  # noqa: ANN201
+def run(url: str, name: str, dry_run: bool = False):
     return asyncio.run(run_once(url, name, dry_run=dry_run))
 
 

@@ -1,0 +1,42 @@
+"""The main loop's sleep: earliest wake-up wins, and a ring cuts a sleep short."""
+
+from __future__ import annotations
+
+import asyncio
+
+from worker.alarm import Alarm
+from worker.retry import Backoff
+
+
+def test_earliest_ring_wins_and_later_rings_are_ignored() -> None:
+    async def main() -> float:
+        alarm = Alarm()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        alarm.ring_in(5)
+        alarm.ring_in(0.05)
+        alarm.ring_in(3)
+        await alarm.sleep()
+        return loop.time() - start
+
+    assert asyncio.run(main()) < 1
+
+
+def test_ring_now_wakes_a_sleeper() -> None:
+    async def main() -> float:
+        alarm = Alarm()
+        loop = asyncio.get_running_loop()
+        alarm.ring_in(60)
+        start = loop.time()
+        loop.call_later(0.05, alarm.ring_now)
+        await alarm.sleep()
+        return loop.time() - start
+
+    assert asyncio.run(main()) < 1
+
+
+def test_backoff_grows_caps_and_resets() -> None:
+    backoff = Backoff(initial=1, maximum=4, jitter=0, rand=lambda: 0.5)
+    assert [backoff.next() for _ in range(4)] == [1, 2, 4, 4]
+    backoff.reset()
+    assert backoff.next() == 1

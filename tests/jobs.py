@@ -66,3 +66,12 @@ def not_a_result(ctx: RunContext) -> int:
 
 
 NOT_CALLABLE = 5
+
+
+async def abandoned_midway(ctx: RunContext) -> RunResult:
+    """Writes through its transaction, then finds its run abandoned by someone else."""
+    await ctx.conn.execute("INSERT INTO public.job_rows (run_id) VALUES (%s)", (ctx.run_id,))
+    url = ctx.config.options["url"]
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as other:
+        await other.execute("SELECT syncworker.abandon_run(%s, 'taken away by the test')", (ctx.run_id,))
+    return RunResult(records_processed=1, state={"should": "not land"})

@@ -64,7 +64,7 @@ class Worker:
             max_size=settings.concurrency,
             open=False,
             name="runs",
-            kwargs={"autocommit": False, **db.connect_kwargs("syncworker run")},
+            kwargs={"autocommit": True, **db.connect_kwargs("syncworker run")},
         )
         self.runner = Runner(self.run_pool, self.pool, max_backoff=settings.max_backoff)
         self.listener = Listener(

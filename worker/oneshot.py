@@ -29,11 +29,12 @@ class OneShot:
 
 async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
     runner = Runner(None, None)
-    async with await psycopg.AsyncConnection.connect(url, **db.connect_kwargs("syncworker run-once")) as conn:
+    async with await psycopg.AsyncConnection.connect(
+        url, autocommit=True, **db.connect_kwargs("syncworker run-once")
+    ) as conn:
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(Q["integration_by_name"], {"name": name})
         row = await cur.fetchone()
-        await conn.commit()
         if row is None:
             raise OneShotError(f'no integration named "{name}"')
         if dry_run:
@@ -50,7 +51,6 @@ async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
             return OneShot(None, None, result, ctx.state, ctx.failed_records)
         await cur.execute(Q["try_lock_integration"], {"integration_id": row["id"]})
         locked = await cur.fetchone()
-        await conn.commit()
         if not locked or not locked["locked"]:
             raise OneShotError(f"{name} is running on a worker right now; try again when it finishes")
         try:
@@ -59,7 +59,6 @@ async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
                 claimed = await cur.fetchone()
             except psycopg.errors.LockNotAvailable:
                 claimed = None
-            await conn.commit()
             if claimed is None:
                 raise OneShotError(f"{name} is being started by a worker right now")
             job = Job.from_row(claimed)
@@ -67,6 +66,4 @@ async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
             return OneShot(status, job.run_id)
         finally:
             if not conn.broken:
-                await conn.rollback()
                 await conn.execute(Q["unlock_integration"], {"integration_id": row["id"]})
-                await conn.commit()

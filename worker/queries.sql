@@ -76,7 +76,8 @@ UPDATE syncworker.integrations SET state = %(state)s
 RETURNING id;
 
 -- name: finish_run
--- Close the run and reschedule its job in one fenced statement.
+-- Close the run and reschedule its job in one statement; raises if the run is no longer live
+-- (fenced), which aborts the transaction so that nothing of the run commits.
 WITH run AS (
   UPDATE syncworker.sync_runs
      SET status = %(status)s, finished_at = clock_timestamp(),
@@ -87,7 +88,7 @@ WITH run AS (
          error_type = %(error_type)s, error = %(error)s
    WHERE id = %(run_id)s AND status = 'running'
   RETURNING id, integration_id, finished_at
-)
+), job AS (
 UPDATE syncworker.integrations i
    SET running_run_id = NULL,
        state = coalesce(%(state)s::jsonb, i.state),
@@ -106,7 +107,12 @@ UPDATE syncworker.integrations i
                                 ELSE %(scheduled_sync_at)s::timestamptz END
   FROM run
  WHERE i.id = run.integration_id AND i.running_run_id = run.id
-RETURNING i.enabled, i.next_sync_at;
+RETURNING i.enabled
+)
+SELECT enabled FROM job
+UNION ALL
+SELECT NULL WHERE CASE WHEN EXISTS (SELECT 1 FROM job) THEN false
+                       ELSE syncworker.fenced(%(run_id)s) END;
 
 -- name: record_error
 -- One error, for an operator to read (never a secret).

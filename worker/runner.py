@@ -123,23 +123,26 @@ class Runner:
         return await self._run_on(conn, job)
 
     async def _run_on(self, conn: AsyncConnection[TupleRow], job: Job) -> str | None:
+        # Run sessions are in autocommit mode: the lock and locked_at are taken and
+        # committed first; the run's own work then happens in one explicit transaction.
         try:
             cur = await conn.execute(Q["begin_run"], {"run_id": job.run_id, "integration_id": job.id})
             row = await cur.fetchone()
-            await conn.commit()
+            if row is not None:
+                await conn.execute(b"BEGIN")
         except psycopg.OperationalError as exc:
             raise _StaleSession from exc
+        lock = _Lock(conn, job.id)
         try:
             if row is None:
                 log.info("run was abandoned before it started; dropping it")
                 return None
-            clock = _DbClock(row[0])
-            return await self._execute(conn, job, clock)
+            return await self._execute(lock, job, _DbClock(row[0]))
         finally:
             if not conn.broken:
                 await conn.rollback()
-                await conn.execute(Q["unlock_integration"], {"integration_id": job.id})
-                await conn.commit()
+                if lock.held:
+                    await lock.release()
 
     def _context(
         self, conn: AsyncConnection[TupleRow], job: Job, config: Any, *, dry_run: bool = False
@@ -161,13 +164,15 @@ class Runner:
         """Run the connector in dry-run mode and roll everything back (`run-once --dry-run`)."""
         connector = connectors.get(job.kind)
         ctx = self._context(conn, job, connector.validate(job.config), dry_run=True)
+        await conn.execute(b"BEGIN")
         try:
             async with asyncio.timeout(job.timeout_seconds):
                 return await connector.run(ctx), ctx
         finally:
             await conn.rollback()
 
-    async def _execute(self, conn: AsyncConnection[TupleRow], job: Job, clock: _DbClock) -> str | None:
+    async def _execute(self, lock: _Lock, job: Job, clock: _DbClock) -> str | None:
+        conn = lock.conn
         sched: schedule.Schedule | None = None
         try:
             sched = schedule.Schedule.from_row(job.interval_seconds, job.cron, job.timezone)
@@ -178,7 +183,7 @@ class Runner:
             plan = schedule.after_invalid_config(slot, job.retry_count, redact(str(exc)))
             failure = Failure("config_invalid", redact(str(exc)), None)
             log.error("invalid configuration: %s", failure.message)
-            return await self._finish(conn, job, "failed", RunResult(), plan, failure, [])
+            return await self._finish(lock, job, "failed", RunResult(), plan, failure, [])
 
         ctx = self._context(conn, job, config)
 
@@ -189,6 +194,7 @@ class Runner:
             if await cur.fetchone() is None:
                 raise FencedError(f"run {job.run_id} is no longer the live run of {job.name}")
             await conn.commit()
+            await conn.execute(b"BEGIN")
 
         ctx._checkpoint = checkpoint
         deadline = asyncio.timeout(job.timeout_seconds)
@@ -202,7 +208,6 @@ class Runner:
                 Q["abandon_run"],
                 {"run_id": job.run_id, "reason": "the worker shut down before the run finished"},
             )
-            await conn.commit()
             log.warning("run abandoned: the worker is shutting down")
             raise
         except FencedError as exc:
@@ -234,7 +239,7 @@ class Runner:
                     max_backoff=self.max_backoff,
                 )
             return await self._finish(
-                conn,
+                lock,
                 job,
                 "failed",
                 RunResult(),
@@ -247,12 +252,12 @@ class Runner:
         status = "partial" if ctx.failed_records else "success"
         plan = schedule.after_success(sched, job.scheduled_for, clock.now())
         return await self._finish(
-            conn, job, status, result, plan, None, ctx.errors, failed_records=ctx.failed_records
+            lock, job, status, result, plan, None, ctx.errors, failed_records=ctx.failed_records
         )
 
     async def _finish(
         self,
-        conn: AsyncConnection[TupleRow],
+        lock: _Lock,
         job: Job,
         status: str,
         result: RunResult,
@@ -294,49 +299,51 @@ class Runner:
                     "record_key": None,
                 }
             )
-        async with conn.cursor() as cur:
-            if rows:
-                await cur.executemany(Q["record_error"], rows)
-            await cur.execute(
-                Q["finish_run"],
-                {
-                    "run_id": job.run_id,
-                    "status": status,
-                    "records_processed": result.records_processed,
-                    "records_failed": failed_records,
-                    "records_inserted": result.inserted,
-                    "records_updated": result.updated,
-                    "records_deleted": result.deleted,
-                    "error_type": failure and failure.error_type,
-                    "error": failure and failure.message,
-                    "state": None if result.state is None else Jsonb(result.state),
-                    "retry_count": plan.retry_count,
-                    "disabled_reason": plan.disabled_reason,
-                    "next_sync_at": plan.next_sync_at,
-                    "slot": plan.slot,
-                    "scheduled_sync_at": plan.scheduled_sync_at,
-                },
-            )
-            if await cur.fetchone() is None:
-                await conn.rollback()
-                log.warning("run fenced off at commit: it is no longer the live run")
-                return "abandoned"
-            if plan.disabled_reason:
-                await cur.execute(
-                    Q["send_alert"],
-                    {
-                        "payload": json.dumps(
-                            {
-                                "integration": job.name,
-                                "integration_id": job.id,
-                                "run_id": job.run_id,
-                                "error_type": failure and failure.error_type,
-                                "reason": plan.disabled_reason,
-                            }
-                        )
-                    },
-                )
-        await conn.commit()
+        params = {
+            "run_id": job.run_id,
+            "status": status,
+            "records_processed": result.records_processed,
+            "records_failed": failed_records,
+            "records_inserted": result.inserted,
+            "records_updated": result.updated,
+            "records_deleted": result.deleted,
+            "error_type": failure and failure.error_type,
+            "error": failure and failure.message,
+            "state": None if result.state is None else Jsonb(result.state),
+            "retry_count": plan.retry_count,
+            "disabled_reason": plan.disabled_reason,
+            "next_sync_at": plan.next_sync_at,
+            "slot": plan.slot,
+            "scheduled_sync_at": plan.scheduled_sync_at,
+        }
+        alert = json.dumps(
+            {
+                "integration": job.name,
+                "integration_id": job.id,
+                "run_id": job.run_id,
+                "error_type": failure and failure.error_type,
+                "reason": plan.disabled_reason,
+            }
+        )
+        conn = lock.conn
+        try:
+            # One round trip: errors, the fenced final statement, the alert, COMMIT, and
+            # the lock's release only after the commit.  If finish_run finds the run
+            # fenced it raises, and the rest of the pipeline is skipped.
+            async with conn.pipeline(), conn.cursor() as cur:
+                if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                    await cur.execute(b"BEGIN")  # after a rollback of the run's own work
+                if rows:
+                    await cur.executemany(Q["record_error"], rows)
+                await cur.execute(Q["finish_run"], params)
+                if plan.disabled_reason:
+                    await cur.execute(Q["send_alert"], {"payload": alert})
+                await cur.execute(b"COMMIT")
+                await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
+            lock.held = False
+        except psycopg.errors.SerializationFailure as exc:
+            log.warning("run fenced off at commit, nothing committed: %s", exc.diag.message_primary)
+            return "abandoned"
         if plan.disabled_reason:
             log.error("job disabled: %s", plan.disabled_reason)
         log.info(
@@ -360,6 +367,19 @@ class Runner:
             except psycopg.OperationalError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+class _Lock:
+    """The integration's advisory lock, held by the run's session."""
+
+    def __init__(self, conn: AsyncConnection[TupleRow], integration_id: int) -> None:
+        self.conn = conn
+        self.integration_id = integration_id
+        self.held = True
+
+    async def release(self) -> None:
+        await self.conn.execute(Q["unlock_integration"], {"integration_id": self.integration_id})
+        self.held = False
 
 
 class _StaleSession(Exception):

@@ -322,6 +322,15 @@ LEFT JOIN LATERAL (
   WHERE y.integration_id = i.id AND NOT y.resolved
 ) e ON true;
 
+-- Raised by the worker's final statement when its run is no longer the live run.
+CREATE FUNCTION syncworker.fenced(run_id bigint) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  RAISE EXCEPTION 'run % is no longer the live run of its integration; nothing of it is committed', run_id
+    USING ERRCODE = 'serialization_failure';
+END
+$$;
+
 -- Give up on a run whose session is gone (or that the worker is abandoning on
 -- shutdown) and hand the job back for an immediate rerun elsewhere.  Returns the
 -- integration id, or NULL when the run had already finished.

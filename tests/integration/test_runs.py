@@ -214,3 +214,12 @@ def test_run_once_refuses_unknown_names_and_running_jobs(jobdb: str) -> None:
         holder.execute("SELECT pg_advisory_lock(syncworker.lock_key('integration'), %s)", (job_id,))
         with pytest.raises(OneShotError, match="running on a worker"):
             run(jobdb, "busy")
+
+
+def test_a_run_that_is_no_longer_live_commits_nothing(jobdb: str) -> None:
+    add_job(jobdb, "usurped", "python", py("jobs:abandoned_midway", url=jobdb), state={"kept": True})
+    assert run(jobdb, "usurped").status == "abandoned"
+    assert one(jobdb, "SELECT count(*) FROM public.job_rows") == 0
+    row = job(jobdb, "usurped")
+    assert row["state"] == {"kept": True} and row["pending_trigger"] == "rescue"
+    assert one(jobdb, "SELECT status FROM syncworker.sync_runs") == "abandoned"

@@ -31,6 +31,13 @@ log = logging.getLogger("syncworker.worker")
 MIN_RECHECK = 0.01
 
 
+async def _bookkeeping_session(conn: AsyncConnection[TupleRow]) -> None:
+    # Claims, heartbeats and lock bookkeeping need not wait for a WAL flush: if the
+    # server crashes before flushing them, the rescuer hands the jobs back anyway.
+    # A run's final commit turns synchronous_commit back on for itself (finish_run).
+    await conn.execute("SET synchronous_commit = off")
+
+
 class StartupError(Exception):
     """The worker cannot start (database unreachable, schema missing)."""
 
@@ -57,6 +64,7 @@ class Worker:
             open=False,
             name="control",
             kwargs={"autocommit": True, **db.connect_kwargs()},
+            configure=_bookkeeping_session,
         )
         self.run_pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
             self.url,
@@ -65,6 +73,7 @@ class Worker:
             open=False,
             name="runs",
             kwargs={"autocommit": True, **db.connect_kwargs("syncworker run")},
+            configure=_bookkeeping_session,
         )
         self.runner = Runner(self.run_pool, self.pool, max_backoff=settings.max_backoff)
         self.listener = Listener(

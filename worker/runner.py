@@ -193,6 +193,7 @@ class Runner:
             )
             if await cur.fetchone() is None:
                 raise FencedError(f"run {job.run_id} is no longer the live run of {job.name}")
+            await conn.execute(b"SET LOCAL synchronous_commit = on")
             await conn.commit()
             await conn.execute(b"BEGIN")
 
@@ -338,6 +339,7 @@ class Runner:
                 await cur.execute(Q["finish_run"], params)
                 if plan.disabled_reason:
                     await cur.execute(Q["send_alert"], {"payload": alert})
+                await cur.execute(b"SET LOCAL synchronous_commit = on")  # the run's result is durable
                 await cur.execute(b"COMMIT")
                 await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
             lock.held = False

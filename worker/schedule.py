@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from worker import cron
+from worker.cron import CronError, CronSpec, next_after
+from worker.cron import parse as parse_cron
 
 # Retry delays never exceed this, whatever retry_backoff_seconds and the attempt are.
 DEFAULT_MAX_BACKOFF = 6 * 3600.0
@@ -22,7 +23,7 @@ class ScheduleError(ValueError):
 @dataclass(frozen=True)
 class Schedule:
     interval_seconds: int | None
-    cron: cron.CronSpec | None
+    cron: CronSpec | None
     tz: ZoneInfo
 
     @classmethod
@@ -36,8 +37,8 @@ class Schedule:
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ScheduleError(f'unknown timezone "{timezone}"') from exc
         try:
-            spec = cron.parse(cron_expr) if cron_expr is not None else None
-        except cron.CronError as exc:
+            spec = parse_cron(cron_expr) if cron_expr is not None else None
+        except CronError as exc:
             raise ScheduleError(str(exc)) from exc
         return cls(interval_seconds, spec, tz)
 
@@ -61,7 +62,7 @@ class Schedule:
                 return anchor
             return anchor + ((now - anchor) // step + 1) * step
         if self.cron is not None:
-            return cron.next_after(self.cron, now, self.tz)
+            return next_after(self.cron, now, self.tz)
         return None
 
 

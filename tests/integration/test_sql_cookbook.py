@@ -31,7 +31,9 @@ def test_file_runs(db: str, path: object) -> None:
     for example in sorted((ROOT / "sql").glob("add_*.sql")):
         if example != path:
             subprocess.run(
-                ["psql", db, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(example)], check=True, capture_output=True
+                ["psql", db, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(example)],
+                check=True,
+                capture_output=True,
             )
     result = subprocess.run(
         ["psql", db, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(path)], capture_output=True, text=True

@@ -146,7 +146,7 @@ class Worker:
             self.duties.runs_started.set()
 
     def _on_leadership(self, leader: bool) -> None:
-        if leader:
+        if leader and not self.stopping:
             self.duties = LeaderDuties(
                 Rescuer(self.pool),
                 Pruner(self.pool, self.settings.retention_days),
@@ -250,9 +250,12 @@ class Worker:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-        for task in self._services:
-            task.cancel()
-        await asyncio.gather(*self._services, return_exceptions=True)
+        # A service may start another while it is being cancelled (leadership won
+        # at the last moment): cancel until none is left.
+        while running := [t for t in self._services if not t.done()]:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         try:
             async with self.pool.connection(timeout=5) as conn:
                 await conn.execute(Q["stop_worker"], {"worker_id": self.listener.worker_id})

@@ -101,7 +101,7 @@ def dispatch_latency(url: str, triggers: int, gap: float) -> list[float]:
     started = sql(
         url,
         """SELECT i.name, extract(epoch FROM r.locked_at)::float8
-                            FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id""",
+             FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id""",
     )
     return [(at - committed[name]) * 1000 for name, at in started]
 

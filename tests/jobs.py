@@ -75,3 +75,7 @@ async def abandoned_midway(ctx: RunContext) -> RunResult:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as other:
         await other.execute("SELECT syncworker.abandon_run(%s, 'taken away by the test')", (ctx.run_id,))
     return RunResult(records_processed=1, state={"should": "not land"})
+
+
+def exits(ctx: RunContext) -> None:
+    raise SystemExit(3)

@@ -315,3 +315,39 @@ def test_systemd_notify_ready_watchdog_and_stopping(jobdb: str, tmp_path: Path) 
     finally:
         proc.stop()
         sock.close()
+
+
+def test_bad_jobs_fail_alone_and_the_worker_keeps_running_the_rest(jobdb: str, tmp_path: Path) -> None:
+    add_job(
+        jobdb, "good", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"}, interval_seconds=1
+    )
+    add_job(jobdb, "unknown-kind", "ftp", {}, interval_seconds=1)
+    add_job(jobdb, "bad-config", "sql", {"statment": "select 1"}, interval_seconds=1)
+    add_job(jobdb, "quitter", "python", py("jobs:exits"), interval_seconds=1)
+    add_job(jobdb, "raises", "python", py("jobs:fail"), interval_seconds=1, retry_backoff_seconds=1)
+    with workers(jobdb, tmp_path, 1) as (proc,):
+        wait_for(lambda: one(jobdb, "SELECT count(*) FROM public.ticks") >= 4, timeout=20, what="good runs")
+        disabled = {
+            r["name"] for r in rows(jobdb, "SELECT name FROM syncworker.integrations WHERE NOT enabled")
+        }
+        assert {"unknown-kind", "bad-config"} <= disabled
+        assert proc.proc.poll() is None
+    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_errors WHERE error_type = 'config_invalid'") == 2
+
+
+def test_heartbeats_show_what_each_replica_is_doing(jobdb: str, tmp_path: Path) -> None:
+    add_job(jobdb, "long", "python", py("jobs:sleep", seconds=30))
+    with workers(jobdb, tmp_path, 1, "--heartbeat-interval", "0.5"):
+        wait_for(
+            lambda: one(jobdb, "SELECT running FROM syncworker.workers") == 1,
+            timeout=10,
+            what="the heartbeat to report the running job",
+        )
+        first = one(jobdb, "SELECT heartbeat_at FROM syncworker.workers")
+        wait_for(
+            lambda: one(jobdb, "SELECT heartbeat_at FROM syncworker.workers") > first,
+            timeout=5,
+            what="a newer heartbeat",
+        )
+        row = rows(jobdb, "SELECT hostname, pid, version, leader, stopped_at FROM syncworker.workers")[0]
+        assert row["leader"] and row["stopped_at"] is None and row["version"]

@@ -64,10 +64,18 @@ class PythonConnector(Connector):
     async def run(self, ctx: RunContext) -> RunResult:
         config: PythonConfig = ctx.config
         func = config.func
-        if inspect.iscoroutinefunction(func):
-            returned = await func(ctx)
-        else:
-            returned = await asyncio.to_thread(func, ctx)
+        try:
+            if inspect.iscoroutinefunction(func):
+                returned = await func(ctx)
+            else:
+                returned = await asyncio.to_thread(func, ctx)
+            if inspect.isawaitable(returned):
+                returned = await returned
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # A job calling sys.exit() must not take the whole worker down with it.
+            raise SyncError(
+                f"{config.target} raised {type(exc).__name__}({exc})", error_type="exception"
+            ) from None
         return _as_result(returned, config.target)
 
 

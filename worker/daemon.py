@@ -22,7 +22,7 @@ from worker.queries import Q
 from worker.retry import Backoff
 from worker.runner import Job, Runner
 from worker.settings import Settings
-from worker.systemd import Notifier
+from worker.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger("syncworker.worker")
 
@@ -191,7 +191,7 @@ class Worker:
         )
         self._service(self.heartbeat.run(), "heartbeat")
         self._service(self.leadership.run(), "leadership")
-        interval = self.notifier.watchdog_interval()
+        interval = watchdog_interval()
         if interval:
             self._service(self._watchdog(interval), "watchdog")
         loop = asyncio.get_running_loop()

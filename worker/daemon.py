@@ -19,6 +19,7 @@ from worker.alarm import Alarm
 from worker.listener import Listener
 from worker.maintenance import Heartbeat, LeaderDuties, Leadership, Pruner, Rescuer
 from worker.queries import Q
+from worker.realtime import Realtime
 from worker.retry import Backoff
 from worker.runner import Job, Runner
 from worker.settings import Settings
@@ -53,7 +54,7 @@ class Worker:
         self.notifier = Notifier()
         self.leadership = Leadership(self.url, self._on_leadership)
         self.duties: LeaderDuties | None = None
-        self._duties_task: asyncio.Task[None] | None = None
+        self._leader_tasks: list[asyncio.Task[None]] = []
         self._services: list[asyncio.Task[None]] = []
         self._failed: BaseException | None = None
         self.heartbeat: Heartbeat | None = None
@@ -152,10 +153,14 @@ class Worker:
                 Pruner(self.pool, self.settings.retention_days),
                 self.settings.rescue_interval,
             )
-            self._duties_task = self._service(self.duties.run(), "leader duties")
-        elif self._duties_task is not None:
-            self._duties_task.cancel()
-            self._duties_task, self.duties = None, None
+            self._leader_tasks = [
+                self._service(self.duties.run(), "leader duties"),
+                self._service(Realtime(self.pool).run(), "realtime sources"),
+            ]
+        elif not leader:
+            for task in self._leader_tasks:
+                task.cancel()
+            self._leader_tasks, self.duties = [], None
         if self.heartbeat is not None:
             self.heartbeat.beat_soon()
         self.alarm.ring_now()

@@ -241,3 +241,13 @@ RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i
 -- name: try_lock_integration
 -- `run-once`: take the integration lock unless a run holds it.
 SELECT pg_try_advisory_lock(syncworker.lock_key('integration'), %(integration_id)s) AS locked;
+
+-- name: realtime_jobs
+-- Leader: enabled jobs that asked for runs on change ({"realtime": true} in their config).
+SELECT id, name, kind, config FROM syncworker.integrations
+ WHERE enabled AND config @> '{"realtime": true}'
+ ORDER BY id;
+
+-- name: request_realtime_run
+-- Leader: a source changed; run these jobs now, or once more after their current run.
+SELECT syncworker.request_run(id, 'realtime') FROM unnest(%(ids)s::bigint[]) AS id;

@@ -246,7 +246,22 @@ CREATE TRIGGER sync_runs_notify_insert AFTER INSERT ON syncworker.sync_runs
   REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION syncworker.notify_runs_started();
 
--- Run a job now.  A trigger during a run is remembered and gives exactly one follow-up run.
+-- Ask for a run of an enabled job as soon as possible, for `reason` (manual or realtime).
+-- Idle: due now, keeping the schedule's own slot aside.  Running: remembered, so that the
+-- run's end starts exactly one follow-up run.  Returns false for a disabled or missing job.
+CREATE FUNCTION syncworker.request_run(target_id bigint, reason text) RETURNS boolean
+LANGUAGE sql AS $$
+  UPDATE syncworker.integrations
+     SET pending_trigger = CASE WHEN pending_trigger = 'manual' THEN 'manual' ELSE reason END,
+         scheduled_sync_at = CASE WHEN running_run_id IS NULL
+                                  THEN coalesce(scheduled_sync_at, next_sync_at) ELSE scheduled_sync_at END,
+         next_sync_at = CASE WHEN running_run_id IS NULL
+                             THEN least(coalesce(next_sync_at, now()), now()) ELSE next_sync_at END
+   WHERE id = target_id AND enabled
+  RETURNING true
+$$;
+
+-- Run a job now, by name, with errors a person can act on.
 CREATE FUNCTION syncworker.trigger_sync(integration_name text) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -264,16 +279,8 @@ BEGIN
       USING ERRCODE = 'object_not_in_prerequisite_state',
             HINT = format('Re-enable it first: UPDATE syncworker.integrations SET enabled = true WHERE name = %L;', integration_name);
   END IF;
-  IF job.running_run_id IS NOT NULL THEN
-    UPDATE syncworker.integrations SET pending_trigger = 'manual' WHERE id = job.id;
-    RETURN 'running now; one more run will follow';
-  END IF;
-  UPDATE syncworker.integrations
-     SET pending_trigger = 'manual',
-         scheduled_sync_at = coalesce(scheduled_sync_at, next_sync_at),
-         next_sync_at = now()
-   WHERE id = job.id;
-  RETURN 'queued';
+  PERFORM syncworker.request_run(job.id, 'manual');
+  RETURN CASE WHEN job.running_run_id IS NULL THEN 'queued' ELSE 'running now; one more run will follow' END;
 END
 $$;
 

@@ -109,6 +109,19 @@ class RunContext:
         self.state = state
 
 
+@dataclass(frozen=True)
+class RealtimeSource:
+    """Where a job hears about changes: NOTIFY `payload` on `channel` in the database `dsn`.
+
+    `dsn` is a secret reference; the worker's leader LISTENs there and requests a
+    `realtime` run of the job for each burst of notifications.
+    """
+
+    dsn: Any
+    channel: str
+    payload: str
+
+
 class Connector(ABC):
     """A sync kind.  Subclass it, give it a `kind`, and register it (built-in or entry point)."""
 
@@ -124,6 +137,10 @@ class Connector(ABC):
     @abstractmethod
     async def run(self, ctx: RunContext) -> RunResult:
         """Do one sync.  Raise SyncError (or any exception) to fail the run."""
+
+    def realtime_source(self, config: Any) -> RealtimeSource | None:
+        """For jobs that want runs on change: where to LISTEN (`config` as `validate` returned it)."""
+        return None
 
 
 def require(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:

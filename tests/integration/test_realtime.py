@@ -1,0 +1,65 @@
+"""Runs on change: NOTIFY on a source database becomes one coalesced `realtime` run request."""
+
+from __future__ import annotations
+
+import asyncio
+
+from psycopg_pool import AsyncConnectionPool
+
+from helpers import add_job, execute, rows
+from worker import realtime
+from worker.realtime import Realtime, Sources
+
+
+def test_notifications_become_one_realtime_request_per_burst(db: str, empty_db: str) -> None:
+    orders = add_job(db, "orders-mirror", "sql", {"statement": "select 1"}, next_sync_at="2099-01-01")
+    other = add_job(db, "other", "sql", {"statement": "select 1"}, next_sync_at="2099-01-01")
+    running = add_job(db, "busy", "sql", {"statement": "select 1"}, next_sync_at="2099-01-01")
+    run_id = rows(
+        db, "INSERT INTO syncworker.sync_runs (integration_id) VALUES (%s) RETURNING id", (running,)
+    )[0]["id"]
+    execute(db, "UPDATE syncworker.integrations SET running_run_id = %s WHERE id = %s", (run_id, running))
+
+    async def loader(pool: AsyncConnectionPool) -> Sources:  # type: ignore[type-arg]
+        return {
+            (empty_db, "syncworker_source"): {"public.orders": [orders, running], "public.other": [other]}
+        }
+
+    async def main() -> list[int]:
+        async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+            service = Realtime(pool, loader)
+            await service.reload()
+            try:
+                flushed = []
+                # The listener's first act after connecting is one catch-up request for all jobs.
+                await asyncio.sleep(realtime.COALESCE_SECONDS * 3)
+                execute(
+                    db,
+                    "UPDATE syncworker.integrations SET pending_trigger = NULL, next_sync_at = '2099-01-01' "
+                    "WHERE running_run_id IS NULL",
+                )
+                for _ in range(5):
+                    execute(empty_db, "NOTIFY syncworker_source, 'public.orders'")
+                execute(empty_db, "NOTIFY syncworker_source, 'public.unrelated'")
+                await asyncio.sleep(realtime.COALESCE_SECONDS * 3)
+                flushed.append(len(service.pending))
+                return flushed
+            finally:
+                for task in service.listeners.values():
+                    task.cancel()
+                await asyncio.gather(*service.listeners.values(), return_exceptions=True)
+
+    assert asyncio.run(main()) == [0]
+    state = {
+        r["name"]: r
+        for r in rows(
+            db,
+            "SELECT name, pending_trigger, next_sync_at <= now() AS due, "
+            "scheduled_sync_at FROM syncworker.integrations",
+        )
+    }
+    assert state["orders-mirror"]["pending_trigger"] == "realtime" and state["orders-mirror"]["due"]
+    assert state["orders-mirror"]["scheduled_sync_at"].year == 2099  # the schedule's slot is kept
+    assert state["other"]["pending_trigger"] is None and not state["other"]["due"]
+    # A running job is not made due again; its run's end starts one follow-up.
+    assert state["busy"]["pending_trigger"] == "realtime" and not state["busy"]["due"]

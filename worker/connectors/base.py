@@ -52,6 +52,8 @@ class RunResult:
     inserted: int = 0
     updated: int = 0
     deleted: int = 0
+    # dry runs: some keys that would be inserted / updated / deleted
+    preview: dict[str, list[str]] | None = None
 
 
 @dataclass
@@ -168,7 +170,11 @@ def expect(
     return value
 
 
-def reject_unknown(config: Mapping[str, Any], allowed: set[str]) -> None:
+def reject_unknown(config: Mapping[str, Any], allowed: set[str], prefix: str = "") -> None:
+    """ConfigError for the first key of `config` not in `allowed` (`prefix` names the enclosing object)."""
     unknown = sorted(set(config) - allowed)
     if unknown:
-        raise ConfigError(unknown[0], f"unknown setting; expected one of {', '.join(sorted(allowed))}")
+        raise ConfigError(
+            f"{prefix}.{unknown[0]}" if prefix else unknown[0],
+            f"unknown setting; expected one of {', '.join(sorted(allowed))}",
+        )

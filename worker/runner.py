@@ -186,6 +186,7 @@ class Runner:
             return await self._finish(lock, job, "failed", RunResult(), plan, failure, [])
 
         ctx = self._context(conn, job, config)
+        ctx.period_seconds = sched.period_seconds(clock.now())
 
         async def checkpoint(state: dict[str, Any]) -> None:
             cur = await conn.execute(

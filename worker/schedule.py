@@ -65,6 +65,15 @@ class Schedule:
             return next_after(self.cron, now, self.tz)
         return None
 
+    def period_seconds(self, now: datetime) -> float | None:
+        """The usual gap between runs: the interval, or the gap between cron's next two slots."""
+        if self.interval_seconds is not None:
+            return float(self.interval_seconds)
+        if self.cron is not None:
+            first = next_after(self.cron, now, self.tz)
+            return (next_after(self.cron, first, self.tz) - first).total_seconds()
+        return None
+
 
 def retry_delay(
     failures: int, base_seconds: float, rand: float, cap_seconds: float = DEFAULT_MAX_BACKOFF

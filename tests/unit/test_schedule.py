@@ -103,3 +103,11 @@ def test_the_last_allowed_failure_disables_with_the_reason() -> None:
 def test_success_resets_retries_and_returns_to_the_grid() -> None:
     plan = schedule.after_success(every(600), T0, T0 + timedelta(seconds=1))
     assert plan == schedule.Plan(T0 + timedelta(minutes=10), T0 + timedelta(minutes=10), None, 0)
+
+
+def test_period_is_the_interval_or_the_gap_between_cron_slots() -> None:
+    now = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+    assert Schedule.from_row(90, None, "UTC").period_seconds(now) == 90
+    assert Schedule.from_row(None, "*/15 * * * *", "UTC").period_seconds(now) == 900
+    assert Schedule.from_row(None, "0 3 * * *", "Europe/Berlin").period_seconds(now) == 86400
+    assert Schedule.from_row(None, None, "UTC").period_seconds(now) is None

@@ -85,6 +85,8 @@ class RunContext:
     log: logging.Logger | logging.LoggerAdapter[logging.Logger]
     trigger: str = "schedule"
     dry_run: bool = False
+    # the job's usual gap between runs (interval, or cron's next gap); None for manual-only jobs
+    period_seconds: float | None = None
     errors: list[RecordError] = field(default_factory=list)
     failed_records: int = 0
     _checkpoint: Any = None

@@ -9,38 +9,14 @@ touch keys under a unique prefix.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
 
-ADMIN_URL = os.environ.get("SYNCWORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("SYNCWORKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ADMIN_URL, REDIS_URL, create_database, drop_database, url_for_db
 
-
-def url_for_db(name: str) -> str:
-    parts = urlsplit(ADMIN_URL)
-    return urlunsplit(parts._replace(path="/" + name))
-
-
-def create_database(template: str | None = None) -> tuple[str, str]:
-    name = f"swtest_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        if template:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-        else:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    return name, url_for_db(name)
-
-
-def drop_database(name: str) -> None:
-    assert name.startswith("swtest_")
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+__all__ = ["ADMIN_URL", "REDIS_URL", "create_database", "drop_database", "url_for_db"]
 
 
 @pytest.fixture

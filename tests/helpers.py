@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import dict_row
@@ -18,6 +20,30 @@ from psycopg.rows import dict_row
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 T = TypeVar("T")
+
+ADMIN_URL = os.environ.get("SYNCWORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("SYNCWORKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def url_for_db(name: str) -> str:
+    parts = urlsplit(ADMIN_URL)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def create_database(template: str | None = None) -> tuple[str, str]:
+    name = f"swtest_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        if template:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        else:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return name, url_for_db(name)
+
+
+def drop_database(name: str) -> None:
+    assert name.startswith("swtest_")
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def wait_for(

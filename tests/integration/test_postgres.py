@@ -1,0 +1,291 @@
+"""The `postgres` connector: full copy, incremental by watermark, deletes, dry run, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from helpers import add_job, create_database, drop_database, execute, one, rows
+from worker.connectors import get
+from worker.connectors.base import ConfigError
+from worker.connectors.postgres import unescape_copy_field
+from worker.oneshot import run_once
+
+ORDERS = """
+CREATE TABLE public.orders (
+  id bigint PRIMARY KEY,
+  customer text NOT NULL,
+  total numeric(12,2),
+  tags text[],
+  note text,
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  deleted_at timestamptz
+);
+"""
+
+
+@pytest.fixture
+def source(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    name, url = create_database()
+    try:
+        execute(url, ORDERS)
+        monkeypatch.setenv("TEST_SOURCE_DSN", url)
+        yield url
+    finally:
+        drop_database(name)
+
+
+def mirror_config(**extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "source": {
+            "dsn": {"env": "TEST_SOURCE_DSN"},
+            "table": "public.orders",
+            "key": ["id"],
+            "updated_at": "updated_at",
+        },
+        "destination": {
+            "table": "public.orders_copy",
+            "key": ["id"],
+            "create_table": True,
+            "batch_size": 100,
+        },
+    }
+    config.update(extra)
+    return config
+
+
+def run(db: str, name: str = "orders") -> str | None:
+    return asyncio.run(run_once(db, name)).status
+
+
+def last_run(db: str) -> dict[str, Any]:
+    return rows(db, "SELECT * FROM syncworker.sync_runs ORDER BY id DESC LIMIT 1")[0]
+
+
+def same(source: str, db: str, table: str = "orders_copy") -> bool:
+    query = "SELECT id, customer, total, tags, note, updated_at, deleted_at FROM {} ORDER BY id"
+    return rows(source, query.format("orders")) == rows(db, query.format(table))
+
+
+def test_first_run_copies_everything_in_batches_then_runs_incrementally(source: str, db: str) -> None:
+    execute(
+        source,
+        r"""
+        INSERT INTO orders (id, customer, total, tags, note, updated_at)
+        SELECT g, 'c' || g, g * 1.5, ARRAY['a', 'b\c'], E'tab\there\nnewline',
+                   '2024-01-01'::timestamptz + g * interval '1 minute'
+          FROM generate_series(1, 1050) g
+    """,
+    )
+    add_job(db, "orders", "postgres", mirror_config(), interval_seconds=60)
+    assert run(db) == "success"
+    assert same(source, db)
+    run_row = last_run(db)
+    assert (run_row["records_processed"], run_row["records_inserted"]) == (1050, 1050)
+    state = one(db, "SELECT state FROM syncworker.integrations")
+    assert state == {"phase": "incremental", "watermark": "2024-01-01 17:30:00+00"}
+
+    execute(source, "UPDATE orders SET total = 0, updated_at = '2024-01-02' WHERE id <= 10")
+    execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (5000, 'new', '2024-01-02')")
+    assert run(db) == "success"
+    assert same(source, db)
+    run_row = last_run(db)
+    # 11 changed rows, and the 4 within the lookback (3 x 60 s) before the watermark, read again
+    assert (run_row["records_inserted"], run_row["records_updated"]) == (1, 10)
+    assert run_row["records_processed"] == 15
+
+
+def test_rows_sharing_the_watermark_are_never_skipped(source: str, db: str) -> None:
+    execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (1, 'a', '2024-01-01 10:00')")
+    add_job(db, "orders", "postgres", mirror_config(lookback_seconds=0), interval_seconds=60)
+    assert run(db) == "success"
+    # Committed later, but stamped with the same time as the watermark.
+    execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (2, 'b', '2024-01-01 10:00')")
+    assert run(db) == "success"
+    assert same(source, db)
+
+
+def test_a_late_commit_inside_the_lookback_is_caught(source: str, db: str) -> None:
+    execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (1, 'a', '2024-01-01 10:00')")
+    add_job(db, "orders", "postgres", mirror_config(lookback_seconds=600), interval_seconds=60)
+    assert run(db) == "success"
+    execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (2, 'b', '2024-01-01 09:55')")
+    assert run(db) == "success"
+    assert same(source, db)
+
+
+def test_a_crash_during_the_full_copy_resumes_after_the_last_checkpoint(source: str, db: str) -> None:
+    execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' FROM generate_series(1, 500) g")
+    add_job(
+        db,
+        "orders",
+        "postgres",
+        mirror_config(),
+        interval_seconds=60,
+        state={"phase": "full", "after": ["300"], "high_water": None},
+    )
+    assert run(db) == "success"
+    assert one(db, "SELECT count(*) FROM orders_copy") == 200
+    assert one(db, "SELECT min(id) FROM orders_copy") == 301
+    assert last_run(db)["records_processed"] == 200
+
+
+def test_soft_deletes_remove_marked_rows(source: str, db: str) -> None:
+    execute(
+        source,
+        "INSERT INTO orders (id, customer, updated_at)"
+        " SELECT g, 'c', '2024-01-01' FROM generate_series(1, 5) g",
+    )
+    add_job(
+        db,
+        "orders",
+        "postgres",
+        mirror_config(deletes="soft", soft_delete_column="deleted_at"),
+        interval_seconds=60,
+    )
+    assert run(db) == "success"
+    execute(source, "UPDATE orders SET deleted_at = now(), updated_at = '2024-01-02' WHERE id IN (2, 4)")
+    assert run(db) == "success"
+    assert [r["id"] for r in rows(db, "SELECT id FROM orders_copy ORDER BY id")] == [1, 3, 5]
+    assert last_run(db)["records_deleted"] == 2
+
+
+def test_hard_deletes_diff_the_keys(source: str, db: str) -> None:
+    execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' FROM generate_series(1, 300) g")
+    add_job(
+        db,
+        "orders",
+        "postgres",
+        mirror_config(deletes="hard", hard_delete_every_seconds=0),
+        interval_seconds=60,
+    )
+    assert run(db) == "success"
+    execute(source, "DELETE FROM orders WHERE id % 3 = 0")
+    assert run(db) == "success"
+    assert same(source, db)
+    assert last_run(db)["records_deleted"] == 100
+
+
+def test_a_destination_in_another_database(source: str, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    name, dest = create_database()
+    try:
+        monkeypatch.setenv("TEST_DEST_DSN", dest)
+        execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' FROM generate_series(1, 250) g")
+        config = mirror_config()
+        config["destination"]["dsn"] = {"env": "TEST_DEST_DSN"}
+        add_job(db, "orders", "postgres", config, interval_seconds=60)
+        assert run(db) == "success"
+        assert same(source, dest)
+        assert one(db, "SELECT state->>'phase' FROM syncworker.integrations") == "incremental"
+    finally:
+        drop_database(name)
+
+
+def test_a_query_source_and_a_column_subset(source: str, db: str) -> None:
+    execute(
+        source, "INSERT INTO orders (id, customer, total) SELECT g, 'c' || g, g FROM generate_series(1, 30) g"
+    )
+    config = mirror_config()
+    config["source"] = {
+        "dsn": {"env": "TEST_SOURCE_DSN"},
+        "key": ["id"],
+        "updated_at": "updated_at",
+        "query": "SELECT id, customer, updated_at FROM orders WHERE total > 10",
+    }
+    add_job(db, "orders", "postgres", config, interval_seconds=60)
+    assert run(db) == "success"
+    assert one(db, "SELECT count(*) FROM orders_copy") == 20
+    columns = one(
+        db,
+        "SELECT array_agg(column_name::text ORDER BY ordinal_position) FROM information_schema.columns"
+        " WHERE table_name = 'orders_copy'",
+    )
+    assert columns == ["id", "customer", "updated_at"]
+
+
+def test_dry_run_writes_nothing(source: str, db: str) -> None:
+    execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' FROM generate_series(1, 20) g")
+    add_job(db, "orders", "postgres", mirror_config(), interval_seconds=60)
+    outcome = asyncio.run(run_once(db, "orders", dry_run=True))
+    assert outcome.result is not None and outcome.result.inserted == 20
+    assert outcome.result.preview is not None and outcome.result.preview["insert"][:3] == ["1", "2", "3"]
+    assert one(db, "SELECT to_regclass('public.orders_copy')") is None
+    assert one(db, "SELECT state FROM syncworker.integrations") == {}
+    assert one(db, "SELECT count(*) FROM syncworker.sync_runs") == 0
+
+
+def test_bad_rows_are_recorded_and_the_rest_lands(source: str, db: str) -> None:
+    execute(source, "INSERT INTO orders (id, customer, total) SELECT g, 'c', g FROM generate_series(1, 10) g")
+    execute(
+        db,
+        "CREATE TABLE orders_copy (id bigint PRIMARY KEY, customer text, total numeric CHECK (total < 8),"
+        " tags text[], note text, updated_at timestamptz, deleted_at timestamptz)",
+    )
+    config = mirror_config()
+    config["destination"]["create_table"] = False
+    add_job(db, "orders", "postgres", config, interval_seconds=60)
+    assert run(db) == "partial"
+    assert one(db, "SELECT count(*) FROM orders_copy") == 7
+    errors = rows(db, "SELECT record_key, error_type FROM syncworker.sync_errors ORDER BY record_key")
+    assert errors == [{"record_key": k, "error_type": "record_invalid"} for k in ("10", "8", "9")]
+    assert last_run(db)["records_failed"] == 3
+
+
+def test_source_problems_fail_the_run_clearly(source: str, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = mirror_config()
+    config["source"]["updated_at"] = "modified"
+    add_job(db, "orders", "postgres", config, interval_seconds=60)
+    assert run(db) == "failed"
+    assert last_run(db)["error"] == "SyncError: source public.orders has no column modified"
+    monkeypatch.setenv(
+        "TEST_SOURCE_DSN", source.replace("127.0.0.1:5432", "127.0.0.1:1") + "?password=hunter22"
+    )
+    assert run(db) == "failed"
+    run_row = last_run(db)
+    assert run_row["error_type"] == "connection" and "hunter22" not in run_row["error"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"source": None}, "source"),
+        ({"source": {"table": "orders", "key": ["id"]}}, "source.dsn"),
+        ({"source": {"dsn": "postgres://x", "table": "orders"}}, "source.dsn"),
+        ({"source": {"dsn": {"env": "X"}, "table": "orders", "query": "SELECT 1"}}, "source.table"),
+        (
+            {"source": {"dsn": {"env": "X"}, "table": "orders", "key": "id", "updated_at": "a b"}},
+            "source.updated_at",
+        ),
+        ({"deletes": "sometimes"}, "deletes"),
+        ({"deletes": "soft"}, "soft_delete_column"),
+        ({"hard_delete_every_seconds": 60}, "hard_delete_every_seconds"),
+        ({"lookback_seconds": -1}, "lookback_seconds"),
+        ({"realtime": "yes"}, "realtime"),
+        ({"destination": {"table": "t"}}, "destination.key"),
+        ({"colour": 1}, "colour"),
+    ],
+)
+def test_config_errors_name_the_field(change: dict[str, Any], field: str) -> None:
+    config = mirror_config()
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    with pytest.raises(ConfigError) as info:
+        get("postgres").validate(config)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (rb"\N", None),
+        (b"plain", "plain"),
+        (rb"a\tb\\c\nd", "a\tb\\c\nd"),
+        (rb"\101\x42", "AB"),
+        ("é".encode(), "é"),
+    ],
+)
+def test_copy_text_fields_unescape(raw: bytes, text: str | None) -> None:
+    assert unescape_copy_field(raw) == text

@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     once.add_argument("--log-format", choices=["text", "json"], default="text")
 
+    install = sub.add_parser(
+        "install-trigger",
+        parents=[common],
+        help="install the real-time trigger on a postgres job's source table",
+    )
+    install.add_argument("name")
+
+    verify = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="compare a postgres job's source and destination (row counts, checksum of key and updated_at)",
+    )
+    verify.add_argument("name")
+
     sub.add_parser(
         "check",
         parents=[common],
@@ -316,6 +330,37 @@ def cmd_run_once(args: argparse.Namespace, url: str) -> int:
     return 0 if outcome.status in ("success", "partial") else 1
 
 
+def _postgres_job(url: str, name: str) -> Any:
+    from worker.mirror_tools import postgres_config
+
+    with _connect(url) as conn:
+        job = _integration(conn, name)
+    return postgres_config(job["kind"], job["config"], name)
+
+
+def cmd_install_trigger(args: argparse.Namespace, url: str) -> int:
+    from worker.mirror_tools import ToolError, install_trigger
+
+    try:
+        print(f"{args.name}: {install_trigger(_postgres_job(url, args.name))}")
+    except ToolError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, url: str) -> int:
+    from worker.mirror_tools import ToolError, describe, verify
+
+    try:
+        cfg = _postgres_job(url, args.name)
+        report = verify(cfg, url)
+    except ToolError as exc:
+        raise CliError(str(exc)) from None
+    for line in describe(report, cfg):
+        print(f"{args.name}: {line}")
+    return 0 if report.ok else 1
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
     "migrate": cmd_migrate,
     "run": cmd_run,
@@ -325,6 +370,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
     "errors": cmd_errors,
     "check": cmd_check,
     "run-once": cmd_run_once,
+    "install-trigger": cmd_install_trigger,
+    "verify": cmd_verify,
 }
 
 

@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from worker import connectors, logs, schedule
 from worker.connectors.base import ConfigError, FencedError, RunContext, RunResult, SyncError
 from worker.queries import Q
-from worker.secrets import redact, redact_value
+from worker.secrets import SecretError, redact, redact_value
 
 log = logging.getLogger("syncworker.run")
 
@@ -71,6 +71,8 @@ def classify(exc: BaseException, timed_out: bool) -> Failure:
         return Failure("config_invalid", redact(str(exc)), None)
     if isinstance(exc, SyncError):
         error_type = exc.error_type
+    elif isinstance(exc, SecretError):
+        error_type = "secret_unavailable"
     elif isinstance(exc, psycopg.OperationalError):
         error_type = "connection"
     elif isinstance(exc, psycopg.Error):

@@ -90,6 +90,7 @@ class RunContext:
     errors: list[RecordError] = field(default_factory=list)
     failed_records: int = 0
     _checkpoint: Any = None
+    _reported: set[tuple[str, str, str]] = field(default_factory=set)
 
     def record_error(
         self,
@@ -100,10 +101,20 @@ class RunContext:
         detail: str | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> None:
-        """Report one record that could not be synced; the rest of the run goes on."""
+        """Report one record that could not be synced; the rest of the run goes on.
+
+        A record reported again with the same key and message (read twice in one
+        run) counts once.
+        """
+        key = None if record_key is None else str(record_key)
+        if key is not None:
+            seen = (error_type, key, message)
+            if seen in self._reported:
+                return
+            if len(self._reported) < MAX_RECORD_ERRORS_KEPT:
+                self._reported.add(seen)
         self.failed_records += 1
         if len(self.errors) < MAX_RECORD_ERRORS_KEPT:
-            key = None if record_key is None else str(record_key)
             self.errors.append(RecordError(error_type, message, key, detail, dict(context or {})))
 
     async def checkpoint(self, state: dict[str, Any]) -> None:

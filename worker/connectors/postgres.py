@@ -228,8 +228,9 @@ class Mirror:
             state = dict(self.ctx.state)
             if state.get("phase") != "incremental":
                 state = await self.full_copy(ordered, state)
-            else:
-                state = await self.incremental(ordered, state)
+                await self.checkpoint(state)
+            # After a full copy too: what changed while it ran is caught before the run ends.
+            state = await self.incremental(ordered, state)
             if self.cfg.deletes == "hard" and self.key_diff_due(state):
                 state = {**state, "keys_checked_at": time.time()}
                 await self.hard_deletes()

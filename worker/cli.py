@@ -324,6 +324,12 @@ def cmd_run_once(args: argparse.Namespace, url: str) -> int:
             f"delete {result.deleted} ({result.records_processed} records read, "
             f"{outcome.failed_records} failed); nothing was written"
         )
+        past = {"insert": "inserted", "update": "updated", "delete": "deleted"}
+        for change, keys in (result.preview or {}).items():
+            if keys:
+                print(
+                    f"  keys that would be {past.get(change, change)} (first {len(keys)}): {', '.join(keys)}"
+                )
         print(f"state after the run would be: {json.dumps(outcome.state, default=str)}")
         return 0
     print(f"{args.name}: run {outcome.run_id} {outcome.status or 'was given up'}")

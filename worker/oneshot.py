@@ -48,7 +48,8 @@ async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
                 }
             )
             result, ctx = await runner.preview(conn, job)
-            return OneShot(None, None, result, ctx.state, ctx.failed_records)
+            state = ctx.state if result.state is None else result.state
+            return OneShot(None, None, result, state, ctx.failed_records)
         await cur.execute(Q["try_lock_integration"], {"integration_id": row["id"]})
         locked = await cur.fetchone()
         if not locked or not locked["locked"]:

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from helpers import ROOT, TESTS, add_job, create_database, drop_database, execute
+from helpers import ROOT, TESTS, add_job, create_database, drop_database, execute, one
 from worker.oneshot import run_once
 
 
@@ -133,3 +133,19 @@ def test_verify_reports_a_match_and_explains_a_mismatch(
     assert "orders: missing in the destination: 2 key(s): 7, 8" in lines
     assert "orders: not in the source (extra in the destination): 1 key(s): 9001" in lines
     assert "orders: different updated_at: 1 key(s): 42" in lines
+
+
+def test_run_once_dry_run_prints_the_changes_and_writes_nothing(db: str, source: str) -> None:
+    execute(source, "INSERT INTO orders (id, v) SELECT g, 'v' FROM generate_series(1, 3) g")
+    add_job(db, "orders", "postgres", mirror())
+    result = cli(db, source, "run-once", "orders", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # 6 reads: the copy, then the catch-up pass over what changed near the end of it
+    assert (
+        lines[0]
+        == "dry run of orders: would insert 3, update 0, delete 0 (6 records read, 0 failed); nothing was written"
+    )
+    assert lines[1] == "  keys that would be inserted (first 3): 1, 2, 3"
+    assert lines[2].startswith('state after the run would be: {"phase": "incremental", "watermark": "20')
+    assert one(db, "SELECT to_regclass('public.orders_copy')") is None

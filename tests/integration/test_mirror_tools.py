@@ -143,8 +143,8 @@ def test_run_once_dry_run_prints_the_changes_and_writes_nothing(db: str, source:
     lines = result.stdout.splitlines()
     # 6 reads: the copy, then the catch-up pass over what changed near the end of it
     assert (
-        lines[0]
-        == "dry run of orders: would insert 3, update 0, delete 0 (6 records read, 0 failed); nothing was written"
+        lines[0] == "dry run of orders: would insert 3, update 0, delete 0 (6 records read, 0 failed);"
+        " nothing was written"
     )
     assert lines[1] == "  keys that would be inserted (first 3): 1, 2, 3"
     assert lines[2].startswith('state after the run would be: {"phase": "incremental", "watermark": "20')

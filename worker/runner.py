@@ -19,7 +19,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from worker import connectors, logs, schedule
+from worker import connectors, hooks, logs, schedule
 from worker.connectors.base import ConfigError, FencedError, RunContext, RunResult, SyncError
 from worker.queries import Q
 from worker.secrets import SecretError, redact, redact_value
@@ -165,7 +165,8 @@ class Runner:
     async def preview(self, conn: AsyncConnection[TupleRow], job: Job) -> tuple[RunResult, RunContext]:
         """Run the connector in dry-run mode and roll everything back (`run-once --dry-run`)."""
         connector = connectors.get(job.kind)
-        ctx = self._context(conn, job, connector.validate(job.config), dry_run=True)
+        body, _ = hooks.split(job.config)  # hooks do not run in a dry run
+        ctx = self._context(conn, job, connector.validate(body), dry_run=True)
         await conn.execute(b"BEGIN")
         try:
             async with asyncio.timeout(job.timeout_seconds):
@@ -179,7 +180,8 @@ class Runner:
         try:
             sched = schedule.Schedule.from_row(job.interval_seconds, job.cron, job.timezone)
             connector = connectors.get(job.kind)
-            config = connector.validate(job.config)
+            body, after_success = hooks.split(job.config)
+            config = connector.validate(body)
         except (ConfigError, schedule.ScheduleError) as exc:
             slot = sched.next_slot(job.scheduled_for, clock.now()) if sched else None
             plan = schedule.after_invalid_config(slot, job.retry_count, redact(str(exc)))
@@ -255,9 +257,28 @@ class Runner:
 
         status = "partial" if ctx.failed_records else "success"
         plan = schedule.after_success(sched, job.scheduled_for, clock.now())
-        return await self._finish(
+        final = await self._finish(
             lock, job, status, result, plan, None, ctx.errors, failed_records=ctx.failed_records
         )
+        if after_success and final in ("success", "partial"):
+            await self._after_success(conn, job, after_success)
+        return final
+
+    async def _after_success(self, conn: AsyncConnection[TupleRow], job: Job, todo: list[hooks.Hook]) -> None:
+        """Post-success hooks, once the run's data is committed; failures are recorded, not fatal."""
+        for message in await hooks.run_all(todo):
+            await conn.execute(
+                Q["record_error"],
+                {
+                    "integration_id": job.id,
+                    "run_id": job.run_id,
+                    "error_type": "hook_failed",
+                    "message": message[:MAX_ERROR_TEXT],
+                    "detail": None,
+                    "record_key": None,
+                    "context": Jsonb({}),
+                },
+            )
 
     async def _finish(
         self,

@@ -158,11 +158,16 @@ class Connector(ABC):
         return None
 
 
-def require(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
-    """config[key], which must exist and be of `kind`; else a ConfigError saying `what`."""
+def require(
+    config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str, prefix: str = ""
+) -> Any:
+    """config[key], which must exist and be of `kind`; else a ConfigError saying `what`.
+
+    `prefix` names the enclosing object in the error ("source" gives "source.key").
+    """
     if key not in config:
-        raise ConfigError(key, f"is required ({what})")
-    return expect(config, key, kind, what)
+        raise ConfigError(f"{prefix}.{key}" if prefix else key, f"is required ({what})")
+    return expect(config, key, kind, what, prefix=prefix)
 
 
 def expect(
@@ -171,15 +176,17 @@ def expect(
     kind: type | tuple[type, ...],
     what: str,
     default: Any = None,
+    prefix: str = "",
 ) -> Any:
     """config.get(key, default), which must be of `kind` when present."""
     if key not in config or config[key] is None:
         return default
     value = config[key]
+    field = f"{prefix}.{key}" if prefix else key
     if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise ConfigError(key, f"expected {what}, got a boolean")
+        raise ConfigError(field, f"expected {what}, got a boolean")
     if not isinstance(value, kind):
-        raise ConfigError(key, f"expected {what}, got {type(value).__name__} {value!r:.60}")
+        raise ConfigError(field, f"expected {what}, got {type(value).__name__} {value!r:.60}")
     return value
 
 

@@ -117,8 +117,8 @@ def parse_destination(config: Mapping[str, Any], field: str = "destination") -> 
     if "key" not in dest:
         raise ConfigError(sub("key"), "is required (the column or columns that identify a row)")
     key = key_columns(dest["key"], sub("key"))
-    create = expect(dest, "create_table", bool, "true or false", False)
-    columns_raw = expect(dest, "columns", dict, "an object of column name to SQL type", {})
+    create = expect(dest, "create_table", bool, "true or false", False, prefix=field)
+    columns_raw = expect(dest, "columns", dict, "an object of column name to SQL type", {}, prefix=field)
     columns: dict[str, str] = {}
     for name, type_ in columns_raw.items():
         identifier(name, sub("columns"))
@@ -130,7 +130,7 @@ def parse_destination(config: Mapping[str, Any], field: str = "destination") -> 
     if columns and not set(key) <= set(columns):
         missing = ", ".join(sorted(set(key) - set(columns)))
         raise ConfigError(sub("columns"), f"must include the key column(s): {missing}")
-    batch = expect(dest, "batch_size", int, "a positive integer", DEFAULT_BATCH_SIZE)
+    batch = expect(dest, "batch_size", int, "a positive integer", DEFAULT_BATCH_SIZE, prefix=field)
     if batch <= 0:
         raise ConfigError(sub("batch_size"), f"expected a positive integer, got {batch}")
     dsn = check_secret(dest, "dsn", sub("dsn"), required=False)

@@ -180,7 +180,7 @@ def parse_source(config: Mapping[str, Any]) -> Source:
     if "table" in src:
         table = table_name(src["table"], "source.table")
     else:
-        query = expect(src, "query", str, "a SELECT statement")
+        query = expect(src, "query", str, "a SELECT statement", prefix="source")
         if not query or not query.strip():
             raise ConfigError("source.query", "must not be empty")
         query = query.strip().rstrip(";")

@@ -291,3 +291,17 @@ def test_config_errors_name_the_field(change: dict[str, Any], field: str) -> Non
 )
 def test_copy_text_fields_unescape(raw: bytes, text: str | None) -> None:
     assert unescape_copy_field(raw) == text
+
+
+def test_without_updated_at_every_run_reads_the_whole_table_once(source: str, db: str) -> None:
+    execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' FROM generate_series(1, 40) g")
+    config = mirror_config(deletes="hard", hard_delete_every_seconds=0)
+    del config["source"]["updated_at"]
+    add_job(db, "orders", "postgres", config, interval_seconds=60)
+    assert run(db) == "success"
+    assert last_run(db)["records_processed"] == 40
+    execute(source, "UPDATE orders SET customer = 'x' WHERE id = 3; DELETE FROM orders WHERE id = 4")
+    assert run(db) == "success"
+    run_row = last_run(db)
+    assert (run_row["records_processed"], run_row["records_updated"], run_row["records_deleted"]) == (39, 1, 1)
+    assert same(source, db)

@@ -226,11 +226,14 @@ class Mirror:
         await loader.prepare(create_columns={c: types[c] for c in ordered})
         try:
             state = dict(self.ctx.state)
-            if state.get("phase") != "incremental":
+            copied = state.get("phase") != "incremental"
+            if copied:
                 state = await self.full_copy(ordered, state)
                 await self.checkpoint(state)
             # After a full copy too: what changed while it ran is caught before the run ends.
-            state = await self.incremental(ordered, state)
+            # (Without updated_at every run reads everything; once is enough.)
+            if not copied or self.source.updated_at is not None:
+                state = await self.incremental(ordered, state)
             if self.cfg.deletes == "hard" and self.key_diff_due(state):
                 state = {**state, "keys_checked_at": time.time()}
                 await self.hard_deletes()

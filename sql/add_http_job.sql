@@ -5,7 +5,7 @@ VALUES ('example-crm-contacts', 'http', '{
   "url": "https://api.example.com/v1/contacts",
   "auth": {"type": "bearer", "token": {"env": "CRM_TOKEN"}},
   "records_path": "data",
-  "pagination": {"type": "cursor", "cursor_path": "meta.next_cursor", "cursor_param": "cursor"},
+  "pagination": {"type": "cursor", "cursor_path": "meta.next_cursor", "param": "cursor"},
   "incremental": {"cursor_field": "updated_at", "param": "updated_since", "lookback": 3600},
   "rate_limit": {"requests": 1000, "per_seconds": 3600},
   "mapping": {"id": "id", "email": "email", "updated_at": "updated_at"},

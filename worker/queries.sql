@@ -251,3 +251,15 @@ SELECT id, name, kind, config FROM syncworker.integrations
 -- name: request_realtime_run
 -- Leader: a source changed; run these jobs now, or once more after their current run.
 SELECT syncworker.request_run(id, 'realtime') FROM unnest(%(ids)s::bigint[]) AS id;
+
+-- name: take_request_slot
+-- http: one request slot for a host under its fleet-wide rate limit; 0 or seconds to wait.
+SELECT syncworker.take_request_slot(%(host)s, %(emission)s, %(burst)s, %(gap)s) AS wait;
+
+-- name: circuit_allow
+-- http: may a request go to this host now? closed / trial / open.
+SELECT syncworker.circuit_allow(%(host)s, %(cooldown)s) AS state;
+
+-- name: circuit_record
+-- http: a request's outcome for the host's circuit breaker; returns the breaker's state.
+SELECT syncworker.circuit_record(%(host)s, %(ok)s, %(threshold)s, %(error)s) AS state;

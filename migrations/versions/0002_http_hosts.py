@@ -23,8 +23,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP FUNCTION syncworker.circuit_record(text, boolean, int, text)")
     op.execute("DROP FUNCTION syncworker.circuit_allow(text, double precision)")
-    op.execute(
-        "DROP FUNCTION syncworker.take_request_slot(text, double precision, double precision, double precision)"
-    )
+    op.execute("DROP FUNCTION syncworker.take_request_slot(text, float8, float8, float8)")
     op.execute("DROP TABLE syncworker.circuit_breakers")
     op.execute("DROP TABLE syncworker.rate_limits")

@@ -219,6 +219,28 @@ def test_dry_run_writes_nothing(source: str, db: str) -> None:
     assert one(db, "SELECT count(*) FROM syncworker.sync_runs") == 0
 
 
+def test_a_first_copy_into_a_table_that_already_holds_some_rows_upserts_them(source: str, db: str) -> None:
+    # New rows are COPYed straight in; a batch that meets existing keys is upserted instead.
+    execute(
+        source,
+        "INSERT INTO orders (id, customer, total) SELECT g, 'c' || g, g FROM generate_series(1, 1000) g",
+    )
+    execute(
+        db,
+        "CREATE TABLE orders_copy (id bigint PRIMARY KEY, customer text, total numeric(12,2), tags text[],"
+        " note text, updated_at timestamptz, deleted_at timestamptz)",
+    )
+    execute(db, "INSERT INTO orders_copy (id, customer) SELECT g, 'stale' FROM generate_series(550, 560) g")
+    add_job(db, "orders", "postgres", mirror_config(), interval_seconds=60)
+    assert run(db) == "success"
+    fingerprint = (
+        "SELECT count(*) AS n, md5(string_agg(concat_ws('|', id, customer, total), ',' ORDER BY id)) FROM {}"
+    )
+    assert rows(db, fingerprint.format("orders_copy")) == rows(source, fingerprint.format("orders"))
+    r = last_run(db)
+    assert (r["records_inserted"], r["records_updated"]) == (989, 11)
+
+
 def test_bad_rows_are_recorded_and_the_rest_lands(source: str, db: str) -> None:
     execute(source, "INSERT INTO orders (id, customer, total) SELECT g, 'c', g FROM generate_series(1, 10) g")
     execute(

@@ -195,7 +195,7 @@ def _parse_pagination(config: Mapping[str, Any]) -> Pagination:
         spec, "size_param", str, "a query parameter name", "limit" if kind == "offset" else None, prefix=p
     )
     if size is not None and size_param is None:
-        raise ConfigError("pagination.size_param", "is required with pagination.size (the page-size parameter)")
+        raise ConfigError("pagination.size_param", "is required with pagination.size (the size parameter)")
     max_pages = expect(spec, "max_pages", int, "a positive number", DEFAULT_MAX_PAGES, prefix=p)
     if max_pages <= 0:
         raise ConfigError("pagination.max_pages", f"expected a positive number, got {max_pages}")

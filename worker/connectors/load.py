@@ -183,6 +183,7 @@ class Loader:
         self.stage = sql.Identifier(f"syncworker_stage_{n}")
         self.seen = sql.Identifier(f"syncworker_seen_{n}")
         self.copy_columns = [*self.columns, *([DELETED] if soft_delete else [])]
+        self._direct_ok = True
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -305,6 +306,42 @@ class Loader:
                 await copy.write(chunk)
         await self.apply_stage()
 
+    @property
+    def can_copy_direct(self) -> bool:
+        """Whether `copy_direct` is worth trying: plain upserts, not a dry run, no failure yet."""
+        dry = self.ctx is not None and self.ctx.dry_run
+        return self._direct_ok and not (self.soft_delete or self.track_seen or dry)
+
+    async def copy_direct(self, chunks: AsyncIterable[bytes | memoryview]) -> bool:
+        """The fast path for rows that should all be new (a first copy): COPY them into the table.
+
+        True when every row landed. False, with nothing written and `chunks` drained, when any
+        row conflicts with one already there or fails: the caller then loads the same rows
+        through the staging table, which upserts and isolates bad records. After one failure
+        the fast path is not tried again by this loader.
+        """
+        await self.conn.execute(b"SAVEPOINT syncworker_direct")
+        cur = self.conn.cursor()
+        cols = self._cols(self.columns)
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(self.dest.identifier(), cols)
+        try:
+            async with cur.copy(statement) as copy:
+                async for chunk in chunks:
+                    await copy.write(chunk)
+        except psycopg.errors.QueryCanceled:
+            raise
+        except psycopg.Error as exc:
+            if self.conn.broken or isinstance(exc, psycopg.OperationalError):
+                raise
+            async for _ in chunks:
+                pass
+            await self.conn.execute(b"ROLLBACK TO SAVEPOINT syncworker_direct")
+            self._direct_ok = False
+            return False
+        self.counts.inserted += max(cur.rowcount, 0)
+        await self.conn.execute(b"RELEASE SAVEPOINT syncworker_direct")
+        return True
+
     def _copy_in(self) -> Any:
         cur = self.conn.cursor()
         return cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(self.stage, self._cols(self.copy_columns)))
@@ -401,7 +438,15 @@ class Loader:
                 excluded=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in others),
                 changed=changed,
             )
-        preview = sql.SQL("{} AS k").format(self._key_text("d"))
+        # Dry runs also report the first keys that would be inserted and updated.
+        preview: sql.Composable = sql.SQL("NULL::text AS k")
+        samples: sql.Composable = sql.SQL("NULL::text[], NULL::text[]")
+        if self.ctx is not None and self.ctx.dry_run:
+            preview = sql.SQL("{} AS k").format(self._key_text("d"))
+            samples = sql.SQL(
+                "(array_agg(k) FILTER (WHERE inserted))[1:{n}],"
+                " (array_agg(k) FILTER (WHERE NOT inserted))[1:{n}]"
+            ).format(n=sql.Literal(PREVIEW_KEYS))
         # The newest staged row per key wins (a source may repeat a record within a batch).
         return sql.SQL(
             """
@@ -413,9 +458,7 @@ class Loader:
               ON CONFLICT ({key}) {conflict}
               RETURNING (d.xmax = 0) AS inserted, {preview}
             )
-            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted),
-                   (array_agg(k) FILTER (WHERE inserted))[1:{n}],
-                   (array_agg(k) FILTER (WHERE NOT inserted))[1:{n}]
+            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted), {samples}
               FROM up
             """
         ).format(
@@ -428,7 +471,7 @@ class Loader:
             cols=cols,
             conflict=conflict,
             preview=preview,
-            n=sql.Literal(PREVIEW_KEYS),
+            samples=samples,
         )
 
     async def _delete_staged(self, where: sql.Composable) -> None:

@@ -313,11 +313,11 @@ class Mirror:
                 key=key,
                 n=sql.Literal(size),
             )
-            batch = CopyStream(self.src.cursor().copy(statement, after))
-            async with batch:
-                assert self.loader is not None
-                await self.loader.load_copy_data(batch.chunks())
-            await self.src.rollback()
+            assert self.loader is not None
+            batch = await self.copy_batch(statement, after, direct=self.loader.can_copy_direct)
+            if batch is None:  # some rows were already there (or one is bad): upsert this batch
+                batch = await self.copy_batch(statement, after, direct=False)
+            assert batch is not None
             self.read += batch.rows
             if batch.rows < size:
                 break
@@ -325,6 +325,19 @@ class Mirror:
             await self.checkpoint(state)
         self.ctx.log.info("full copy of %s done: %s rows", self.source.name, self.read)
         return {"phase": "incremental", "watermark": state["high_water"]}
+
+    async def copy_batch(self, statement: sql.Composed, params: Any, *, direct: bool) -> CopyStream | None:
+        """One batch of the full copy into the destination; None if the direct COPY gave way."""
+        assert self.loader is not None
+        batch = CopyStream(self.src.cursor().copy(statement, params))
+        async with batch:
+            if direct:
+                loaded = await self.loader.copy_direct(batch.chunks())
+            else:
+                await self.loader.load_copy_data(batch.chunks())
+                loaded = True
+        await self.src.rollback()
+        return batch if loaded else None
 
     async def incremental(self, columns: list[str], state: dict[str, Any]) -> dict[str, Any]:
         """Every row changed since the watermark minus the lookback, read in one snapshot."""

@@ -1,0 +1,328 @@
+"""Connector benchmark: rows/s and peak memory of `postgres`, `http` and `redis` syncs.
+
+Usage: .venv/bin/python bench/connectors.py [--rows 1000000] [--rss-rows 1000000,5000000]
+       [--http-records 200000] [--redis-members 100000] [--naive-sample 20000]
+
+Every sync is one `syncworker run-once` child process; rows/s come from the run's own
+`duration_ms`, peak RSS from the child's rusage. In the same run, for comparison:
+the raw limit (a bare `COPY … TO STDOUT` piped into `COPY … FROM STDIN` between the same
+two databases) and the hand-written way (a loop of single-row `INSERT … ON CONFLICT`,
+timed over a sample). Creates and drops its own databases on
+SYNCWORKER_BENCH_DATABASE_URL's server and its own keys in SYNCWORKER_BENCH_REDIS_URL
+(default redis://127.0.0.1:6379/0). Prints a table and writes the connectors section of
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from core import ADMIN, RESULTS, ROOT, db_url, machine, sql
+
+REDIS_URL = os.environ.get("SYNCWORKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+SOURCE_TABLE = """
+CREATE TABLE public.events (
+  id bigint PRIMARY KEY, account int NOT NULL, amount numeric(12, 2) NOT NULL,
+  note text, updated_at timestamptz NOT NULL
+)"""
+FILL = """
+INSERT INTO public.events
+SELECT g, g %% 1000, (g %% 100000) / 100.0, 'note ' || g, '2024-01-01'::timestamptz + g * interval '1 second'
+  FROM generate_series(%(start)s, %(stop)s) g"""
+
+
+@contextmanager
+def database() -> Iterator[str]:
+    name = f"swbench_{uuid.uuid4().hex[:8]}"
+    sql(ADMIN, f'CREATE DATABASE "{name}"')
+    try:
+        yield db_url(name)
+    finally:
+        sql(ADMIN, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def fill(url: str, rows: int) -> None:
+    sql(url, "DROP TABLE IF EXISTS public.events")
+    sql(url, SOURCE_TABLE)
+    for start in range(1, rows + 1, 1_000_000):
+        sql(url, FILL, {"start": start, "stop": min(rows, start + 999_999)})
+    sql(url, "VACUUM ANALYZE public.events")
+
+
+def add_job(url: str, name: str, kind: str, config: dict[str, Any]) -> None:
+    sql(
+        url,
+        "INSERT INTO syncworker.integrations (name, kind, config, interval_seconds, next_sync_at)"
+        " VALUES (%s, %s, %s, 3600, NULL)",
+        (name, kind, json.dumps(config)),
+    )
+
+
+def run_once(url: str, name: str, env: dict[str, str]) -> tuple[float, float, dict[str, Any]]:
+    """One run in a child process: (run seconds, peak RSS in MB, the run's row)."""
+    child_env = {**os.environ, **env, "SYNCWORKER_DATABASE_URL": url, "SYNCWORKER_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run-once", name],
+        env=child_env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(
+            "SELECT r.status, r.duration_ms, r.records_processed, r.records_inserted, r.records_updated,"
+            " r.error FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id"
+            " WHERE i.name = %s ORDER BY r.id DESC LIMIT 1",
+            (name,),
+        )
+        found = cur.fetchone()
+    if found is None or found[0] != "success":
+        raise SystemExit(f"run of {name} did not succeed: {found}\n{err.decode(errors='replace')}")
+    keys = ("status", "duration_ms", "processed", "inserted", "updated", "error")
+    row = dict(zip(keys, found, strict=True))
+    return row["duration_ms"] / 1000, usage.ru_maxrss / 1024, row
+
+
+def raw_pipe(source: str, dest: str) -> float:
+    """The raw limit: COPY out of the source straight into COPY in, seconds."""
+    sql(dest, "DROP TABLE IF EXISTS public.raw_events")
+    sql(dest, SOURCE_TABLE.replace("public.events", "public.raw_events"))
+    started = time.perf_counter()
+    with psycopg.connect(source) as src, psycopg.connect(dest) as dst:
+        with (
+            src.cursor().copy("COPY public.events TO STDOUT") as out,
+            dst.cursor().copy("COPY public.raw_events FROM STDIN") as into,
+        ):
+            for block in out:
+                into.write(block)
+        dst.commit()
+    return time.perf_counter() - started
+
+
+def naive_loop(source: str, dest: str, sample: int) -> float:
+    """The hand-written way over `sample` rows: rows/s of single-row upserts."""
+    sql(dest, "DROP TABLE IF EXISTS public.naive_events")
+    sql(dest, SOURCE_TABLE.replace("public.events", "public.naive_events"))
+    upsert = (
+        "INSERT INTO public.naive_events (id, account, amount, note, updated_at) VALUES (%s, %s, %s, %s, %s)"
+        " ON CONFLICT (id) DO UPDATE SET account = EXCLUDED.account, amount = EXCLUDED.amount,"
+        " note = EXCLUDED.note, updated_at = EXCLUDED.updated_at"
+    )
+    started = time.perf_counter()
+    with psycopg.connect(source) as src, psycopg.connect(dest) as dst:
+        with src.cursor(name="naive") as cur:
+            cur.execute("SELECT * FROM public.events ORDER BY id LIMIT %s", (sample,))
+            for row in cur:
+                dst.execute(upsert, row)
+        dst.commit()
+    return sample / (time.perf_counter() - started)
+
+
+def postgres_config() -> dict[str, Any]:
+    return {
+        "source": {
+            "dsn": {"env": "BENCH_SOURCE_DSN"},
+            "table": "public.events",
+            "key": ["id"],
+            "updated_at": "updated_at",
+        },
+        "destination": {"table": "public.events", "key": ["id"], "create_table": True},
+        "lookback_seconds": 60,
+    }
+
+
+def bench_postgres(rows: int, sample: int) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    with database() as source, database() as dest:
+        from worker.migrate import upgrade
+
+        upgrade(dest)
+        fill(source, rows)
+        env = {"BENCH_SOURCE_DSN": source}
+        add_job(dest, "pg", "postgres", postgres_config())
+        seconds, rss, _ = run_once(dest, "pg", env)
+        full = rows / seconds
+        pipe = rows / raw_pipe(source, dest)
+        loop = naive_loop(source, dest, sample)
+        sql(source, "UPDATE public.events SET amount = amount + 1, updated_at = now() WHERE id % 10 = 0")
+        inc_seconds, inc_rss, inc = run_once(dest, "pg", env)
+        changed = rows // 10
+        n = f"{rows:,}"
+        out += [
+            (f"postgres full copy, {n} rows (rows/s)", f"{full:,.0f}", ""),
+            ("  raw COPY pipe, same rows (rows/s)", f"{pipe:,.0f}", ""),
+            (f"  single-row upsert loop, {sample:,}-row sample (rows/s)", f"{loop:,.0f}", ""),
+            ("  full copy vs raw pipe", f"{full / pipe:.0%}", ">= 50%"),
+            ("  full copy vs upsert loop", f"{full / loop:.0f}x", ">= 20x"),
+            (
+                f"postgres incremental, {changed:,} changed (rows/s)",
+                f"{changed / inc_seconds:,.0f} ({inc['updated']:,} updated)",
+                "",
+            ),
+            (f"postgres peak RSS, full / incremental, {n} rows (MB)", f"{rss:.0f} / {inc_rss:.0f}", "<= 150"),
+        ]
+    return out
+
+
+def bench_postgres_rss(rows: int) -> tuple[str, str, str]:
+    with database() as source, database() as dest:
+        from worker.migrate import upgrade
+
+        upgrade(dest)
+        fill(source, rows)
+        add_job(dest, "pg", "postgres", postgres_config())
+        seconds, rss, _ = run_once(dest, "pg", {"BENCH_SOURCE_DSN": source})
+    what = f"postgres peak RSS, full copy of {rows:,} rows (MB)"
+    return (what, f"{rss:.0f} ({rows / seconds:,.0f} rows/s)", "<= 150")
+
+
+@contextmanager
+def http_server(records: int) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "httpapi.py"), str(records)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def bench_http(records: int) -> tuple[str, str, str]:
+    import httpx
+
+    with http_server(records) as base, database() as dest:
+        from worker.migrate import upgrade
+
+        upgrade(dest)
+        config = {
+            "url": base + "/page",
+            "records_path": "data",
+            "pagination": {"type": "page", "size_param": "per_page", "size": 1000, "total_path": "total"},
+            "destination": {
+                "table": "public.items",
+                "key": ["id"],
+                "create_table": True,
+                "columns": {
+                    "id": "bigint",
+                    "name": "text",
+                    "score": "numeric",
+                    "updated_at": "timestamptz",
+                    "tags": "jsonb",
+                },
+            },
+        }
+        add_job(dest, "api", "http", config)
+        seconds, rss, row = run_once(dest, "api", {})
+        assert row["inserted"] == records, row
+        # the transport alone: the same pages fetched and parsed, nothing loaded
+        started = time.perf_counter()
+        with httpx.Client() as client:
+            for page in range(1, records // 1000 + 2):
+                client.get(base + "/page", params={"page": page, "per_page": 1000}).json()
+        fetch_only = records / (time.perf_counter() - started)
+    return (
+        f"http, {records:,} records, 1,000 per page (records/s)",
+        f"{records / seconds:,.0f} (fetch alone {fetch_only:,.0f}); peak RSS {rss:.0f} MB",
+        "",
+    )
+
+
+def bench_redis(members: int) -> tuple[str, str, str]:
+    prefix = f"swbench:{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for set_name in ("daily", "weekly"):
+            for start in range(0, members, 50_000):
+                chunk = range(start, min(members, start + 50_000))
+                client.zadd(f"{prefix}{set_name}", {f"player{i}": i * 1.5 for i in chunk})
+        with database() as dest:
+            from worker.migrate import upgrade
+
+            upgrade(dest)
+            config = {
+                "url": {"env": "BENCH_REDIS_URL"},
+                "source": {"type": "zset", "columns": {n: f"{prefix}{n}" for n in ("daily", "weekly")}},
+                "key_column": "player",
+                "destination": {"table": "public.board", "key": ["player"], "create_table": True},
+            }
+            add_job(dest, "lb", "redis", config)
+            seconds, rss, row = run_once(dest, "lb", {"BENCH_REDIS_URL": REDIS_URL})
+            assert row["inserted"] == members, row
+    finally:
+        for key in client.scan_iter(match=prefix + "*"):
+            client.unlink(key)
+        client.close()
+    return (
+        f"redis, {members:,} members in 2 joined sorted sets (members/s)",
+        f"{members / seconds:,.0f}; peak RSS {rss:.0f} MB",
+        "",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rss-rows", default="5000000", help="more full-copy sizes, for peak memory")
+    parser.add_argument("--http-records", type=int, default=200_000)
+    parser.add_argument("--redis-members", type=int, default=100_000)
+    parser.add_argument("--naive-sample", type=int, default=20_000)
+    args = parser.parse_args()
+
+    results = bench_postgres(args.rows, args.naive_sample)
+    for size in filter(None, args.rss_rows.split(",")):
+        results.append(bench_postgres_rss(int(size)))
+    results.append(bench_http(args.http_records))
+    results.append(bench_redis(args.redis_members))
+
+    width = max(len(r[0]) for r in results)
+    table = [f"| {'measure'.ljust(width)} | result | target |", f"|{'-' * (width + 2)}|---|---|"]
+    table += [f"| {m.ljust(width)} | {v} | {t} |" for m, v, t in results]
+    redis_version = redis.Redis.from_url(REDIS_URL).info()["redis_version"]
+    report = "\n".join(
+        [
+            "<!-- connectors:start -->",
+            "## Connectors",
+            "",
+            *machine(),
+            f"- Redis {redis_version}, redis-py {redis.__version__}",
+            "",
+            *table,
+            "<!-- connectors:end -->",
+        ]
+    )
+    print(report)
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    if "<!-- connectors:start -->" in text:
+        head, rest = text.split("<!-- connectors:start -->", 1)
+        text = head + report + rest.split("<!-- connectors:end -->", 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + report + "\n"
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

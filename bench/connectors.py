@@ -286,17 +286,21 @@ def bench_redis(members: int) -> tuple[str, str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--rss-rows", default="5000000", help="more full-copy sizes, for peak memory")
+    parser.add_argument(
+        "--rss-rows", default="1000000,5000000", help="sizes for every connector's peak memory"
+    )
     parser.add_argument("--http-records", type=int, default=200_000)
     parser.add_argument("--redis-members", type=int, default=100_000)
     parser.add_argument("--naive-sample", type=int, default=20_000)
     args = parser.parse_args()
 
+    sizes = [int(size) for size in args.rss_rows.split(",") if size]
     results = bench_postgres(args.rows, args.naive_sample)
-    for size in filter(None, args.rss_rows.split(",")):
-        results.append(bench_postgres_rss(int(size)))
+    results += [bench_postgres_rss(size) for size in sizes if size != args.rows]
     results.append(bench_http(args.http_records))
+    results += [bench_http(size) for size in sizes]
     results.append(bench_redis(args.redis_members))
+    results += [bench_redis(size) for size in sizes]
 
     width = max(len(r[0]) for r in results)
     table = [f"| {'measure'.ljust(width)} | result | target |", f"|{'-' * (width + 2)}|---|---|"]
@@ -311,6 +315,9 @@ def main() -> None:
             f"- Redis {redis_version}, redis-py {redis.__version__}",
             "",
             *table,
+            "",
+            "Rows/s come from each run's `duration_ms`; peak RSS from the run-once process's rusage.",
+            "The http source is the tests' local API, one Python process: 'fetch alone' is its own limit.",
             "<!-- connectors:end -->",
         ]
     )

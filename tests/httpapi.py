@@ -104,7 +104,7 @@ class Api:
         with self.lock:
             self.requests.append(Request(h.command, parts.path, query, dict(h.headers), time.time(), body))
             fault = self.faults.popleft() if self.faults else None
-            records = list(self.records)
+            records = self.records  # replaced whole on every change, never mutated
         if self.delay:
             time.sleep(self.delay)
         if not self.authorized(h, query):

@@ -1,4 +1,4 @@
-"""An `http` sync under real workers: SIGKILL in the middle of a long sync loses and duplicates nothing."""
+"""`http` syncs under real workers: SIGKILL mid-sync loses nothing; the rate limit holds across replicas."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from helpers import WorkerProcess, add_job, one, rows, wait_for
+from helpers import WorkerProcess, add_job, one, rows, wait_for, workers
 from httpapi import Api, make_records
 
 pytestmark = pytest.mark.e2e
@@ -77,3 +77,38 @@ def test_sigkill_mid_sync_then_rerun_gives_exact_data_and_cursor(db: str, api: A
         assert run["records_inserted"] == 30_001 and run["records_updated"] == 0
     finally:
         second.stop()
+
+
+def test_two_replicas_share_one_rate_limit_for_a_host(db: str, tmp_path: Path) -> None:
+    api = Api()
+    api.set_records(make_records(200))
+    try:
+        for name in ("a", "b"):
+            job = {
+                "url": api.url + "/page",
+                "records_path": "data",
+                "pagination": {"type": "page", "size_param": "per_page", "size": 10},
+                "rate_limit": {"requests": 10, "per_seconds": 1},
+                "destination": {
+                    "table": f"public.items_{name}",
+                    "key": ["id"],
+                    "create_table": True,
+                    "columns": COLUMNS,
+                },
+            }
+            add_job(db, name, "http", job, interval_seconds=3600)
+        with workers(db, tmp_path, 2, "--concurrency", "1"):
+            wait_for(
+                lambda: one(db, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'success'") == 2,
+                timeout=60,
+                what="both syncs",
+            )
+        assert one(db, "SELECT count(DISTINCT worker_id) FROM syncworker.sync_runs") == 2  # one per replica
+        assert one(db, "SELECT count(*) FROM items_a") == one(db, "SELECT count(*) FROM items_b") == 200
+        times = sorted(r.at for r in api.requests)
+        assert len(times) == 42  # 20 pages and the empty page that ends each sync
+        # 10 per second across both replicas: never more than that in any one-second window
+        assert max(sum(1 for t in times if s <= t < s + 1.0) for s in times) <= 11
+        assert times[-1] - times[0] >= 3.9
+    finally:
+        api.close()

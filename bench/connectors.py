@@ -33,7 +33,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from core import ADMIN, RESULTS, ROOT, db_url, machine, sql
+from core import ADMIN, ROOT, db_url, machine, save_section, sql, table_lines
 
 REDIS_URL = os.environ.get("SYNCWORKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SOURCE_TABLE = """
@@ -44,7 +44,7 @@ CREATE TABLE public.events (
 FILL = """
 INSERT INTO public.events
 SELECT g, g %% 1000, (g %% 100000) / 100.0, 'note ' || g, '2024-01-01'::timestamptz + g * interval '1 second'
-  FROM generate_series(%(start)s, %(stop)s) g"""
+  FROM generate_series(%(start)s::bigint, %(stop)s::bigint) g"""
 
 
 @contextmanager
@@ -302,33 +302,20 @@ def main() -> None:
     results.append(bench_redis(args.redis_members))
     results += [bench_redis(size) for size in sizes]
 
-    width = max(len(r[0]) for r in results)
-    table = [f"| {'measure'.ljust(width)} | result | target |", f"|{'-' * (width + 2)}|---|---|"]
-    table += [f"| {m.ljust(width)} | {v} | {t} |" for m, v, t in results]
     redis_version = redis.Redis.from_url(REDIS_URL).info()["redis_version"]
-    report = "\n".join(
+    save_section(
+        "connectors",
+        "Connectors",
         [
-            "<!-- connectors:start -->",
-            "## Connectors",
-            "",
             *machine(),
             f"- Redis {redis_version}, redis-py {redis.__version__}",
             "",
-            *table,
+            *table_lines(results),
             "",
             "Rows/s come from each run's `duration_ms`; peak RSS from the run-once process's rusage.",
             "The http source is the tests' local API, one Python process: 'fetch alone' is its own limit.",
-            "<!-- connectors:end -->",
-        ]
+        ],
     )
-    print(report)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    if "<!-- connectors:start -->" in text:
-        head, rest = text.split("<!-- connectors:start -->", 1)
-        text = head + report + rest.split("<!-- connectors:end -->", 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + report + "\n"
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

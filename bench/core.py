@@ -253,17 +253,25 @@ def main() -> None:
     finally:
         sql(ADMIN, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
+    save_section("core", "Core worker", [*machine(), "", *table_lines(rows)])
+
+
+def table_lines(rows: list[tuple[str, str, str]]) -> list[str]:
+    """A markdown table of (measure, result, target) rows."""
     width = max(len(r[0]) for r in rows)
-    table = [f"| {'measure'.ljust(width)} | result | target |", f"|{'-' * (width + 2)}|---|---|"]
-    table += [f"| {m.ljust(width)} | {v} | {t} |" for m, v, t in rows]
-    report = "\n".join(
-        ["<!-- core:start -->", "## Core worker", "", *machine(), "", *table, "<!-- core:end -->"]
-    )
+    lines = [f"| {'measure'.ljust(width)} | result | target |", f"|{'-' * (width + 2)}|---|---|"]
+    return lines + [f"| {m.ljust(width)} | {v} | {t} |" for m, v, t in rows]
+
+
+def save_section(key: str, title: str, lines: list[str]) -> None:
+    """Print a report and put it in bench/RESULTS.md between its markers (replacing the old one)."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    report = "\n".join([start, f"## {title}", "", *lines, end])
     print(report)
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    if "<!-- core:start -->" in text:
-        head, rest = text.split("<!-- core:start -->", 1)
-        text = head + report + rest.split("<!-- core:end -->", 1)[1]
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + report + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + report + "\n"
     RESULTS.write_text(text)

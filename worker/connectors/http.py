@@ -485,7 +485,6 @@ class Host:
             raise CircuitOpen(
                 f"circuit breaker for {self.name} is open after repeated failures; requests resume after "
                 f"the cool-down ({self.cfg.breaker_cooldown:g}s; see syncworker.circuit_breakers)",
-                error_type="circuit_open",
             )
 
     async def record(self, ok: bool, error: str | None = None) -> None:
@@ -565,6 +564,14 @@ class Fetcher:
         self.ctx = ctx
         self.requests = 0
         self.client: httpx.AsyncClient | None = None
+        self._get = backoff.on_exception(
+            retry_waits,  # type: ignore[arg-type]  # a generator that is sent each exception
+            Retryable,
+            max_tries=cfg.max_attempts,
+            jitter=None,
+            on_backoff=self._log_retry,
+            raise_on_giveup=True,
+        )(self._attempt)
 
     async def __aenter__(self) -> Fetcher:
         headers = {"User-Agent": f"syncworker/{__version__}", "Accept": "application/json"}
@@ -600,16 +607,8 @@ class Fetcher:
         return secrets.resolve(value, field_name) if isinstance(value, Mapping) else value
 
     async def get(self, url: str, params: Mapping[str, Any]) -> Page:
-        retrying = backoff.on_exception(
-            retry_waits,  # type: ignore[arg-type]  # a generator that is sent each exception
-            Retryable,
-            max_tries=self.cfg.max_attempts,
-            jitter=None,
-            on_backoff=self._log_retry,
-            raise_on_giveup=True,
-        )(self._attempt)
         try:
-            return await retrying(url, params)
+            return await self._get(url, params)
         except Retryable as exc:
             raise SyncError(
                 f"{exc} (gave up after {self.cfg.max_attempts} attempts)", error_type=exc.error_type
@@ -749,15 +748,12 @@ class Sync:
 
     def to_row(self, record: Any) -> tuple[Any, ...] | None:
         """A record as a row of the mapped columns; None (and a record error) if it cannot be."""
-        key_values = [
-            dig(record, self.cfg.mapping[k]) if isinstance(record, Mapping) else _MISSING
-            for k in self.cfg.destination.key
-        ]
-        shown = ",".join("?" if v is _MISSING else str(v) for v in key_values)
         if not isinstance(record, Mapping):
             self.ctx.record_error(None, f"a record is not a JSON object: {json.dumps(record)[:200]}")
             return None
+        key_values = [dig(record, self.cfg.mapping[k]) for k in self.cfg.destination.key]
         if any(v is _MISSING or v is None for v in key_values):
+            shown = ",".join("?" if v is _MISSING else str(v) for v in key_values)
             paths = ", ".join(self.cfg.mapping[k] for k in self.cfg.destination.key)
             self.ctx.record_error(
                 shown,
@@ -767,8 +763,8 @@ class Sync:
             return None
         if self.cfg.incremental is not None:
             value = dig(record, self.cfg.incremental.cursor_field)
-            newer = self.cursor is None or cursor_key(value) > cursor_key(self.cursor)
-            if value is not _MISSING and value is not None and newer:
+            present = value is not _MISSING and value is not None
+            if present and (self.cursor is None or cursor_key(value) > cursor_key(self.cursor)):
                 self.cursor = value
         row = []
         for path in self.cfg.mapping.values():

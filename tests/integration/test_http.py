@@ -289,6 +289,14 @@ def test_a_page_that_repeats_under_another_url_is_a_loop(db: str, api: Api) -> N
     assert len(api.requests) == 2
 
 
+def test_a_body_without_the_records_list_fails_clearly_and_writes_nothing(db: str, api: Api) -> None:
+    add_job(db, "items", "http", job(api, "/page", records_path="results"))
+    assert run(db).status == "failed"
+    r = last_run(db)
+    assert r["error_type"] == "upstream_invalid" and "records_path 'results'" in r["error"]
+    assert one(db, "SELECT to_regclass('public.items')") is None
+
+
 def test_a_response_over_the_size_cap_fails_without_retrying(db: str, api: Api) -> None:
     api.faults.append("huge")
     add_job(db, "items", "http", job(api, "/page", max_response_bytes=100_000))

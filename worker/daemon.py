@@ -128,8 +128,16 @@ class Worker:
     def _may_claim(self) -> bool:
         return self.settings.mode == "active" or self.leadership.is_leader
 
+    def _may_continue(self) -> bool:
+        """May a run session that is finishing a run claim the next due job itself?"""
+        return not self.stopping and self._may_claim()
+
     def _start_run(self, job: Job) -> None:
-        task = asyncio.create_task(self.runner.run(job), name=f"run {job.run_id} {job.name}")
+        assert self.listener.worker_id is not None
+        task = asyncio.create_task(
+            self.runner.run(job, self.listener.worker_id, self._may_continue),
+            name=f"runs from {job.run_id} {job.name}",
+        )
         self.active.add(task)
         task.add_done_callback(self._run_done)
 

@@ -45,6 +45,7 @@ async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
                     "trigger": "manual",
                     "attempt": row["retry_count"] + 1,
                     "scheduled_for": None,
+                    "locked_at": None,
                 }
             )
             result, ctx = await runner.preview(conn, job)
@@ -55,16 +56,14 @@ async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
         if not locked or not locked["locked"]:
             raise OneShotError(f"{name} is running on a worker right now; try again when it finishes")
         try:
-            try:
-                await cur.execute(Q["claim_by_name"], {"name": name})
-                claimed = await cur.fetchone()
-            except psycopg.errors.LockNotAvailable:
-                claimed = None
-            if claimed is None:
-                raise OneShotError(f"{name} is being started by a worker right now")
-            job = Job.from_row(claimed)
-            status = await runner.run_on(conn, job)
-            return OneShot(status, job.run_id)
-        finally:
-            if not conn.broken:
-                await conn.execute(Q["unlock_integration"], {"integration_id": row["id"]})
+            await cur.execute(Q["claim_by_name"], {"name": name})
+            claimed = await cur.fetchone()
+        except psycopg.errors.LockNotAvailable:
+            claimed = None
+        if claimed is None:
+            await conn.execute(Q["unlock_integration"], {"integration_id": row["id"]})
+            raise OneShotError(f"{name} is being started by a worker right now")
+        # From here on the runner releases the lock, after the run's final commit.
+        job = Job.from_row(claimed)
+        status = await runner.run_on(conn, job)
+        return OneShot(status, job.run_id)

@@ -40,7 +40,7 @@ WITH due AS (
   SELECT id, coalesce(pending_trigger, CASE WHEN retry_count > 0 THEN 'retry' ELSE 'schedule' END),
          retry_count + 1, %(worker_id)s, slot
     FROM due
-  RETURNING id, integration_id, trigger, attempt, scheduled_for
+  RETURNING id, integration_id, trigger, attempt, scheduled_for, locked_at
 )
 UPDATE syncworker.integrations i
    SET running_run_id = runs.id, pending_trigger = NULL, scheduled_sync_at = NULL
@@ -48,7 +48,32 @@ UPDATE syncworker.integrations i
  WHERE i.id = runs.integration_id
 RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i.timezone,
           i.max_retries, i.retry_backoff_seconds, i.timeout_seconds, i.retry_count,
-          runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for;
+          runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for, runs.locked_at;
+
+-- name: claim_next
+-- A run session takes the next due job for itself as its previous run finishes: the
+-- integration lock is taken and locked_at set in the same statement that opens the run.
+WITH due AS MATERIALIZED (
+  SELECT id, retry_count, pending_trigger, coalesce(scheduled_sync_at, next_sync_at) AS slot
+    FROM syncworker.integrations
+   WHERE enabled AND running_run_id IS NULL AND next_sync_at <= now()
+   ORDER BY next_sync_at, id
+   LIMIT 1
+     FOR UPDATE SKIP LOCKED
+), runs AS (
+  INSERT INTO syncworker.sync_runs (integration_id, trigger, attempt, worker_id, scheduled_for, locked_at)
+  SELECT id, coalesce(pending_trigger, CASE WHEN retry_count > 0 THEN 'retry' ELSE 'schedule' END),
+         retry_count + 1, %(worker_id)s, slot, clock_timestamp()
+    FROM due, LATERAL (SELECT pg_advisory_lock(syncworker.lock_key('integration'), due.id::integer)) AS l
+  RETURNING id, integration_id, trigger, attempt, scheduled_for, locked_at
+)
+UPDATE syncworker.integrations i
+   SET running_run_id = runs.id, pending_trigger = NULL, scheduled_sync_at = NULL
+  FROM runs
+ WHERE i.id = runs.integration_id
+RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i.timezone,
+          i.max_retries, i.retry_backoff_seconds, i.timeout_seconds, i.retry_count,
+          runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for, runs.locked_at;
 
 -- name: next_due_in
 -- Seconds until the earliest idle job is due, on the database clock (NULL: nothing scheduled).
@@ -228,7 +253,7 @@ WITH job AS (
 ), runs AS (
   INSERT INTO syncworker.sync_runs (integration_id, trigger, attempt, worker_id, scheduled_for, locked_at)
   SELECT id, 'manual', retry_count + 1, NULL, slot, clock_timestamp() FROM job
-  RETURNING id, integration_id, trigger, attempt, scheduled_for
+  RETURNING id, integration_id, trigger, attempt, scheduled_for, locked_at
 )
 UPDATE syncworker.integrations i
    SET running_run_id = runs.id, pending_trigger = NULL, scheduled_sync_at = NULL
@@ -236,7 +261,7 @@ UPDATE syncworker.integrations i
  WHERE i.id = runs.integration_id
 RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i.timezone,
           i.max_retries, i.retry_backoff_seconds, i.timeout_seconds, i.retry_count,
-          runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for;
+          runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for, runs.locked_at;
 
 -- name: try_lock_integration
 -- `run-once`: take the integration lock unless a run holds it.

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.rows import TupleRow
+from psycopg.rows import TupleRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -49,6 +49,9 @@ class Job:
     trigger: str
     attempt: int
     scheduled_for: datetime | None
+    # When the run's session took the integration lock (database clock); None while
+    # the run still waits for its session to take it (`begin_run`).
+    locked_at: datetime | None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -101,48 +104,74 @@ class Runner:
         self.max_backoff = max_backoff
         self.rand = rand
 
-    async def run(self, job: Job) -> str | None:
-        """Run `job` to its end; returns the final status, or None if the run was given up."""
-        logs.bind(job.name, job.run_id)
-        log.info("run started (trigger=%s, attempt=%s)", job.trigger, job.attempt)
+    async def run(self, job: Job, worker_id: int, more: Callable[[], bool]) -> None:
+        """Run `job` on a session of its own; then, for as long as `more()` allows, the
+        due jobs that session claims, each in the same round trip as the previous
+        run's final commit."""
         assert self.run_pool is not None
         for _ in range(3):
             try:
                 async with self.run_pool.connection() as conn:
-                    return await self._run_on(conn, job)
+                    await self._serve(conn, job, worker_id, more)
+                return
             except _StaleSession:
                 continue  # a pooled session died while idle (e.g. a server restart): take another
+        await self._abandon(job, "no working database session for the run")
+
+    async def _serve(
+        self, conn: AsyncConnection[TupleRow], job: Job, worker_id: int, more: Callable[[], bool]
+    ) -> None:
+        current: Job | None = job
+        while current is not None:
+            logs.bind(current.name, current.run_id)
+            log.info("run started (trigger=%s, attempt=%s)", current.trigger, current.attempt)
+            following = _NextClaim(conn, worker_id) if more() else None
+            try:
+                await self._run_on(conn, current, following)
+                if following is not None and not following.done and more():
+                    await following.claim()
+            except _StaleSession:
+                if current is job:
+                    raise
+                await self._abandon(current, "the run's session failed before the run started")
+                return
             except psycopg.OperationalError as exc:
                 # The session (and with it the lock) is gone: nothing of this run may commit.
                 log.warning("run lost its database session: %s", redact(str(exc)))
-                await self._abandon(job, f"the run lost its database session: {redact(str(exc))[:300]}")
-                return None
-        await self._abandon(job, "no working database session for the run")
-        return None
+                await self._abandon(current, f"the run lost its database session: {redact(str(exc))[:300]}")
+                return
+            current = following.job if following is not None else None
 
     async def run_on(self, conn: AsyncConnection[TupleRow], job: Job) -> str | None:
-        """Run `job` on a session of the caller's (`run-once`)."""
+        """Run `job` on a session of the caller's (`run-once`), which holds its lock."""
         return await self._run_on(conn, job)
 
-    async def _run_on(self, conn: AsyncConnection[TupleRow], job: Job) -> str | None:
+    async def _run_on(
+        self, conn: AsyncConnection[TupleRow], job: Job, following: _NextClaim | None = None
+    ) -> str | None:
         # Run sessions are in autocommit mode: the lock and locked_at are taken and
-        # committed first; the run's own work then happens in one explicit transaction.
+        # committed first; the run's own work then happens in one explicit transaction
+        # (already open for a job claimed by `claim_next`).
         try:
-            cur = await conn.execute(Q["begin_run"], {"run_id": job.run_id, "integration_id": job.id})
-            row = await cur.fetchone()
-            if row is not None:
+            locked_at = job.locked_at
+            if locked_at is None:
+                cur = await conn.execute(Q["begin_run"], {"run_id": job.run_id, "integration_id": job.id})
+                row = await cur.fetchone()
+                locked_at = row[0] if row is not None else None
+            if locked_at is not None and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 await conn.execute(b"BEGIN")
         except psycopg.OperationalError as exc:
             raise _StaleSession from exc
         lock = _Lock(conn, job.id)
         try:
-            if row is None:
+            if locked_at is None:
                 log.info("run was abandoned before it started; dropping it")
                 return None
-            return await self._execute(lock, job, _DbClock(row[0]))
+            return await self._execute(lock, job, _DbClock(locked_at), following)
         finally:
             if not conn.broken:
-                await conn.rollback()
+                if following is None or following.job is None:
+                    await conn.rollback()
                 if lock.held:
                     await lock.release()
 
@@ -174,7 +203,9 @@ class Runner:
         finally:
             await conn.rollback()
 
-    async def _execute(self, lock: _Lock, job: Job, clock: _DbClock) -> str | None:
+    async def _execute(
+        self, lock: _Lock, job: Job, clock: _DbClock, following: _NextClaim | None
+    ) -> str | None:
         conn = lock.conn
         sched: schedule.Schedule | None = None
         try:
@@ -187,7 +218,7 @@ class Runner:
             plan = schedule.after_invalid_config(slot, job.retry_count, redact(str(exc)))
             failure = Failure("config_invalid", redact(str(exc)), None)
             log.error("invalid configuration: %s", failure.message)
-            return await self._finish(lock, job, "failed", RunResult(), plan, failure, [])
+            return await self._finish(lock, job, "failed", RunResult(), plan, failure, [], following)
 
         ctx = self._context(conn, job, config)
         ctx.period_seconds = sched.period_seconds(clock.now())
@@ -252,13 +283,23 @@ class Runner:
                 plan,
                 failure,
                 ctx.errors,
+                following,
                 failed_records=ctx.failed_records,
             )
 
         status = "partial" if ctx.failed_records else "success"
         plan = schedule.after_success(sched, job.scheduled_for, clock.now())
+        # Hooks run after the commit on this session: the next claim waits for them.
         final = await self._finish(
-            lock, job, status, result, plan, None, ctx.errors, failed_records=ctx.failed_records
+            lock,
+            job,
+            status,
+            result,
+            plan,
+            None,
+            ctx.errors,
+            None if after_success else following,
+            failed_records=ctx.failed_records,
         )
         if after_success and final in ("success", "partial"):
             await self._after_success(conn, job, after_success)
@@ -289,9 +330,11 @@ class Runner:
         plan: schedule.Plan,
         failure: Failure | None,
         record_errors: list[Any],
+        following: _NextClaim | None,
         failed_records: int = 0,
     ) -> str:
-        """Record the run's end, its errors and the job's next slot in one fenced transaction."""
+        """Record the run's end, its errors and the job's next slot in one fenced transaction,
+        and claim the session's next job (`following`) in the same round trip."""
         base = {"integration_id": job.id, "run_id": job.run_id, "context": Jsonb({})}
         rows = [
             {
@@ -352,9 +395,9 @@ class Runner:
         )
         conn = lock.conn
         try:
-            # One round trip: errors, the fenced final statement, the alert, COMMIT, and
-            # the lock's release only after the commit.  If finish_run finds the run
-            # fenced it raises, and the rest of the pipeline is skipped.
+            # One round trip: errors, the fenced final statement, the alert, COMMIT, the
+            # lock's release only after the commit, and the next claim.  If finish_run
+            # finds the run fenced it raises, and the rest of the pipeline is skipped.
             async with conn.pipeline(), conn.cursor() as cur:
                 if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                     await cur.execute(b"BEGIN")  # after a rollback of the run's own work
@@ -364,9 +407,16 @@ class Runner:
                 if plan.disabled_reason:
                     await cur.execute(Q["send_alert"], {"payload": alert})
                 await cur.execute(b"SET LOCAL synchronous_commit = on")  # the run's result is durable
-                await cur.execute(b"COMMIT")
-                await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
+                if following is None:
+                    await cur.execute(b"COMMIT")
+                    await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
+                else:
+                    await cur.execute(b"COMMIT AND CHAIN")  # the claim's transaction opens at once
+                    await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
+                    await following.queue(cur)
             lock.held = False
+            if following is not None:
+                await following.collect()
         except psycopg.errors.SerializationFailure as exc:
             log.warning("run fenced off at commit, nothing committed: %s", exc.diag.message_primary)
             return "abandoned"
@@ -393,6 +443,43 @@ class Runner:
             except psycopg.OperationalError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+class _NextClaim:
+    """A run session's next job, claimed with `claim_next` (lock and run row in one statement).
+
+    `queue()` adds the claim to an open pipeline, inside an open transaction, and
+    commits it with AND CHAIN: the next run's transaction is open at once.
+    `collect()` reads what was claimed once the pipeline is done.  `claim()` does it
+    all in a round trip of its own.
+    """
+
+    def __init__(self, conn: AsyncConnection[TupleRow], worker_id: int) -> None:
+        self.conn = conn
+        self.worker_id = worker_id
+        self._claimed: psycopg.AsyncCursor[dict[str, Any]] | None = None
+        self.done = False
+        self.job: Job | None = None
+
+    async def queue(self, cur: psycopg.AsyncCursor[Any]) -> None:
+        self._claimed = self.conn.cursor(row_factory=dict_row)
+        await self._claimed.execute(Q["claim_next"], {"worker_id": self.worker_id})
+        await cur.execute(b"COMMIT AND CHAIN")
+
+    async def collect(self) -> None:
+        assert self._claimed is not None
+        row = await self._claimed.fetchone()
+        self.done = True
+        if row is None:
+            await self.conn.rollback()  # nothing was due: close the transaction opened for it
+        else:
+            self.job = Job.from_row(row)
+
+    async def claim(self) -> None:
+        async with self.conn.pipeline(), self.conn.cursor() as cur:
+            await cur.execute(b"BEGIN")
+            await self.queue(cur)
+        await self.collect()
 
 
 class _Lock:

@@ -1,0 +1,117 @@
+"""Many jobs due at once: each run session claims its next job as it finishes the last one.
+
+These tests drive real worker processes through bursts and check what a user sees
+afterwards: every job ran exactly once, failures stayed failures, and neither a crash
+(SIGKILL) nor a shutdown (SIGTERM) in the middle of a burst leaves a run behind.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import WorkerProcess, add_job, execute, one, rows, wait_for, workers
+
+pytestmark = pytest.mark.e2e
+
+
+def add_burst(url: str, count: int, statement: str = "INSERT INTO public.ticks DEFAULT VALUES") -> None:
+    """`count` manual-only jobs, all due now."""
+    execute(
+        url,
+        """INSERT INTO syncworker.integrations (name, kind, config, next_sync_at)
+           SELECT 'burst' || g, 'sql', jsonb_build_object('statement', %s::text), now()
+             FROM generate_series(1, %s) g""",
+        (statement, count),
+    )
+
+
+def successes(url: str) -> int:
+    return int(one(url, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'success'"))
+
+
+def runs_per_job(url: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for row in rows(
+        url,
+        """SELECT i.name, r.status FROM syncworker.integrations i
+             LEFT JOIN syncworker.sync_runs r ON r.integration_id = i.id ORDER BY r.id""",
+    ):
+        found.setdefault(row["name"], []).append(row["status"])
+    return found
+
+
+def test_a_burst_on_two_replicas_runs_every_job_exactly_once(jobdb: str, tmp_path: Path) -> None:
+    add_burst(jobdb, 600)
+    for i in range(5):
+        add_job(jobdb, f"broken{i}", "sql", {"statement": "SELECT 1/0"}, next_sync_at="now")
+    with workers(jobdb, tmp_path, 2):
+        wait_for(lambda: successes(jobdb) >= 600, timeout=60, what="600 successful runs")
+        wait_for(
+            lambda: one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'failed'") >= 5,
+            timeout=10,
+            what="the 5 failures",
+        )
+        time.sleep(0.5)
+    per_job = runs_per_job(jobdb)
+    assert all(per_job[f"burst{i}"] == ["success"] for i in range(1, 601))
+    assert all(per_job[f"broken{i}"] == ["failed"] for i in range(5))
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") == 600
+    # Both replicas took part, every run took its lock, and nothing is left running.
+    assert one(jobdb, "SELECT count(DISTINCT worker_id) FROM syncworker.sync_runs") == 2
+    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE locked_at IS NULL") == 0
+    assert one(jobdb, "SELECT count(*) FROM syncworker.integrations WHERE running_run_id IS NOT NULL") == 0
+    failed = rows(
+        jobdb, "SELECT retry_count, last_status FROM syncworker.integrations WHERE name LIKE 'broken%'"
+    )
+    assert all(r["retry_count"] == 1 and r["last_status"] == "failed" for r in failed)
+
+
+def test_sigkill_mid_burst_loses_no_job_and_runs_none_twice(jobdb: str, tmp_path: Path) -> None:
+    add_burst(jobdb, 300, "INSERT INTO public.ticks DEFAULT VALUES RETURNING pg_sleep(0.01)")
+    victim = WorkerProcess(jobdb, tmp_path / "victim.log", "--concurrency", "4")
+    try:
+        wait_for(lambda: successes(jobdb) >= 40, timeout=30, what="the burst to be under way")
+        victim.kill()
+    finally:
+        victim.stop()
+    in_flight = one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'running'")
+    assert in_flight <= 4  # at most one per run session, however it was claimed
+    with workers(jobdb, tmp_path, 1):
+        wait_for(
+            lambda: (
+                one(
+                    jobdb,
+                    """SELECT count(*) FROM syncworker.integrations
+                    WHERE last_status = 'success' AND running_run_id IS NULL""",
+                )
+                == 300
+            ),
+            timeout=60,
+            what="every job to have succeeded",
+        )
+    per_job = runs_per_job(jobdb)
+    assert all(statuses.count("success") == 1 for statuses in per_job.values())
+    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'abandoned'") == in_flight
+    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'running'") == 0
+    # The killed runs rolled back with their sessions: one row per success.
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") == 300
+
+
+def test_sigterm_mid_burst_finishes_what_runs_and_claims_nothing_more(jobdb: str, tmp_path: Path) -> None:
+    add_burst(jobdb, 2000, "INSERT INTO public.ticks DEFAULT VALUES RETURNING pg_sleep(0.005)")
+    proc = WorkerProcess(jobdb, tmp_path / "w.log", "--concurrency", "4", "--grace-period", "20")
+    try:
+        wait_for(lambda: successes(jobdb) >= 40, timeout=30, what="the burst to be under way")
+        assert proc.terminate() == 0
+    finally:
+        proc.stop()
+    done = successes(jobdb)
+    assert done < 2000, "the burst should still have been under way"
+    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status <> 'success'") == 0
+    assert one(jobdb, "SELECT count(*) FROM syncworker.integrations WHERE running_run_id IS NOT NULL") == 0
+    # What did not run is still due, untouched, for the next worker.
+    assert one(jobdb, "SELECT count(*) FROM syncworker.integrations WHERE last_status IS NULL") == 2000 - done
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") == done

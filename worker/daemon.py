@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 from collections.abc import Coroutine
@@ -27,9 +28,11 @@ from worker.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger("syncworker.worker")
 
-# After a claim that found nothing it could take, do not look again sooner than
-# this: rows another replica is claiming right now are still visible as due.
+# Rows that are due but could not be claimed (another replica is claiming them right
+# now, or someone holds a row lock on them): look again after MIN_RECHECK, then less
+# and less often while it lasts, up to MAX_RECHECK.
 MIN_RECHECK = 0.01
+MAX_RECHECK = 2.0
 
 
 async def _bookkeeping_session(conn: AsyncConnection[TupleRow]) -> None:
@@ -51,6 +54,7 @@ class Worker:
         self.stopping = False
         self.active: set[asyncio.Task[Any]] = set()
         self.more_due = False
+        self.unclaimable = Backoff(initial=MIN_RECHECK, maximum=MAX_RECHECK)
         self.notifier = Notifier()
         self.leadership = Leadership(self.url, self._on_leadership)
         self.duties: LeaderDuties | None = None
@@ -92,11 +96,11 @@ class Worker:
         await self._start()
         backoff = Backoff(initial=0.2, maximum=5.0)
         while True:
-            await self.alarm.sleep()
+            recheck = await self.alarm.sleep()
             if self.stopping:
                 break
             try:
-                await self._dispatch()
+                await self._dispatch(recheck)
                 backoff.reset()
             except psycopg.OperationalError as exc:
                 delay = backoff.next()
@@ -104,26 +108,44 @@ class Worker:
                 self.alarm.ring_in(delay)
         return await self._shutdown()
 
-    async def _dispatch(self) -> None:
-        """Claim what is due up to free capacity, start it, and set the next wake-up."""
+    async def _dispatch(self, recheck: bool = False) -> None:
+        """Claim what is due up to free capacity, start it, and set the next wake-up.
+
+        A `recheck` (the poll cap, with nothing known to be due) first only looks.
+        """
         poll = self.settings.poll_interval
         free = self.settings.concurrency - len(self.active)
         if free <= 0 or not self._may_claim():
-            self.alarm.ring_in(poll)
+            self.alarm.ring_in(poll, recheck=True)
             return
         async with self.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(Q["claim_due"], {"limit": free, "worker_id": self.listener.worker_id})
-            jobs = [Job.from_row(row) for row in await cur.fetchall()]
-            for job in jobs:
-                self._start_run(job)
-            self.more_due = len(jobs) == free
-            if self.more_due:
-                self.alarm.ring_in(poll)
-                return
-            row = await (await conn.execute(Q["next_due_in"])).fetchone()
-        due_in = row[0] if row is not None and row[0] is not None else poll
-        self.alarm.ring_in(min(poll, max(float(str(due_in)), MIN_RECHECK)))
+            due_in = await self._due_in(conn) if recheck else 0.0
+            if due_in <= 0:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(Q["claim_due"], {"limit": free, "worker_id": self.listener.worker_id})
+                jobs = [Job.from_row(row) for row in await cur.fetchall()]
+                if jobs:
+                    self.unclaimable.reset()
+                for job in jobs:
+                    self._start_run(job)
+                self.more_due = len(jobs) == free
+                if self.more_due:
+                    self.alarm.ring_in(poll, recheck=True)
+                    return
+                due_in = await self._due_in(conn)
+        if due_in <= 0:
+            self.alarm.ring_in(self.unclaimable.next())
+            return
+        self.unclaimable.reset()
+        if due_in >= poll:
+            self.alarm.ring_in(poll, recheck=True)
+        else:
+            self.alarm.ring_in(max(due_in, MIN_RECHECK))
+
+    async def _due_in(self, conn: AsyncConnection[TupleRow]) -> float:
+        """Seconds until the earliest idle job is due (negative: overdue; inf: none)."""
+        row = await (await conn.execute(Q["next_due_in"])).fetchone()
+        return float(str(row[0])) if row is not None and row[0] is not None else math.inf
 
     def _may_claim(self) -> bool:
         return self.settings.mode == "active" or self.leadership.is_leader

@@ -35,6 +35,22 @@ def test_ring_now_wakes_a_sleeper() -> None:
     assert asyncio.run(main()) < 1
 
 
+def test_a_poll_cap_wake_up_says_it_is_a_recheck_unless_an_earlier_ring_replaced_it() -> None:
+    async def main() -> tuple[bool, bool, bool]:
+        alarm = Alarm()
+        alarm.ring_in(0.01, recheck=True)
+        capped = await alarm.sleep()
+        alarm.ring_in(0.05, recheck=True)
+        alarm.ring_in(0.01)  # a NOTIFY: something is due
+        notified = await alarm.sleep()
+        alarm.ring_in(0.01, recheck=True)
+        alarm.ring_in(5)  # later than the cap: the cap still fires first
+        still_capped = await alarm.sleep()
+        return capped, notified, still_capped
+
+    assert asyncio.run(main()) == (True, False, True)
+
+
 def test_backoff_grows_caps_and_resets() -> None:
     backoff = Backoff(initial=1, maximum=4, jitter=0, rand=lambda: 0.5)
     assert [backoff.next() for _ in range(4)] == [1, 2, 4, 4]

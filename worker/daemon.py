@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from worker import db
 from worker.alarm import Alarm
 from worker.listener import Listener
-from worker.maintenance import Heartbeat, LeaderDuties, Leadership, Pruner, Rescuer
+from worker.maintenance import Census, Heartbeat, LeaderDuties, Leadership, Pruner, Rescuer
 from worker.queries import Q
 from worker.realtime import Realtime
 from worker.retry import Backoff
@@ -40,6 +40,9 @@ async def _bookkeeping_session(conn: AsyncConnection[TupleRow]) -> None:
     # server crashes before flushing them, the rescuer hands the jobs back anyway.
     # A run's final commit turns synchronous_commit back on for itself (finish_run).
     await conn.execute("SET synchronous_commit = off")
+    # This worker wakes the leader itself when it starts running (Census): its claims
+    # need not NOTIFY one by one.
+    await conn.execute("SET syncworker.announces_runs = on")
 
 
 class StartupError(Exception):
@@ -80,7 +83,9 @@ class Worker:
             kwargs={"autocommit": True, **db.connect_kwargs("syncworker run")},
             configure=_bookkeeping_session,
         )
-        self.runner = Runner(self.run_pool, self.pool, max_backoff=settings.max_backoff)
+        self.census = Census(self._announce_runs)
+        self._announcing: set[asyncio.Task[None]] = set()
+        self.runner = Runner(self.run_pool, self.pool, max_backoff=settings.max_backoff, census=self.census)
         self.listener = Listener(
             self.url,
             self.alarm,
@@ -124,6 +129,7 @@ class Worker:
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(Q["claim_due"], {"limit": free, "worker_id": self.listener.worker_id})
                 jobs = [Job.from_row(row) for row in await cur.fetchall()]
+                self.census.claimed([job.run_id for job in jobs])
                 if jobs:
                     self.unclaimable.reset()
                 for job in jobs:
@@ -175,6 +181,24 @@ class Worker:
     def _on_runs_started(self) -> None:
         if self.duties is not None:
             self.duties.runs_started.set()
+
+    def _announce_runs(self) -> None:
+        """This worker started running while none of its runs ran: wake the leader."""
+        self._on_runs_started()
+        task = asyncio.create_task(self._send_announcement(), name="announce runs")
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _send_announcement(self) -> None:
+        backoff = Backoff(initial=0.2, maximum=2.0)
+        for _ in range(5):
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(Q["announce_runs"])
+                return
+            except psycopg.OperationalError as exc:
+                log.warning("could not tell the leader that runs started: %s", exc)
+                await asyncio.sleep(backoff.next())
 
     def _on_leadership(self, leader: bool) -> None:
         if leader and not self.stopping:
@@ -287,7 +311,7 @@ class Worker:
                 await asyncio.gather(*pending, return_exceptions=True)
         # A service may start another while it is being cancelled (leadership won
         # at the last moment): cancel until none is left.
-        while running := [t for t in self._services if not t.done()]:
+        while running := [t for t in [*self._services, *self._announcing] if not t.done()]:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)

@@ -53,17 +53,20 @@ RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i
 -- name: claim_next
 -- A run session takes the next due job for itself as its previous run finishes: the
 -- integration lock is taken and locked_at set in the same statement that opens the run.
+-- It runs inside the finishing run's transaction, so it reads the clock itself rather
+-- than now() (the transaction's start).
 WITH due AS MATERIALIZED (
   SELECT id, retry_count, pending_trigger, coalesce(scheduled_sync_at, next_sync_at) AS slot
     FROM syncworker.integrations
-   WHERE enabled AND running_run_id IS NULL AND next_sync_at <= now()
+   WHERE enabled AND running_run_id IS NULL AND next_sync_at <= statement_timestamp()
    ORDER BY next_sync_at, id
    LIMIT 1
      FOR UPDATE SKIP LOCKED
 ), runs AS (
-  INSERT INTO syncworker.sync_runs (integration_id, trigger, attempt, worker_id, scheduled_for, locked_at)
+  INSERT INTO syncworker.sync_runs
+    (integration_id, trigger, attempt, worker_id, scheduled_for, started_at, locked_at)
   SELECT id, coalesce(pending_trigger, CASE WHEN retry_count > 0 THEN 'retry' ELSE 'schedule' END),
-         retry_count + 1, %(worker_id)s, slot, clock_timestamp()
+         retry_count + 1, %(worker_id)s, slot, clock_timestamp(), clock_timestamp()
     FROM due, LATERAL (SELECT pg_advisory_lock(syncworker.lock_key('integration'), due.id::integer)) AS l
   RETURNING id, integration_id, trigger, attempt, scheduled_for, locked_at
 )
@@ -102,7 +105,8 @@ RETURNING id;
 
 -- name: finish_run
 -- Close the run and reschedule its job in one statement; raises if the run is no longer live
--- (fenced), which aborts the transaction so that nothing of the run commits.
+-- (fenced), which aborts the transaction so that nothing of the run commits.  It also makes
+-- this transaction's commit durable (synchronous_commit on, for this transaction only).
 WITH run AS (
   UPDATE syncworker.sync_runs
      SET status = %(status)s, finished_at = clock_timestamp(),
@@ -134,10 +138,10 @@ UPDATE syncworker.integrations i
  WHERE i.id = run.integration_id AND i.running_run_id = run.id
 RETURNING i.enabled
 )
-SELECT enabled FROM job
+SELECT enabled, set_config('synchronous_commit', 'on', true) FROM job
 UNION ALL
-SELECT NULL WHERE CASE WHEN EXISTS (SELECT 1 FROM job) THEN false
-                       ELSE syncworker.fenced(%(run_id)s) END;
+SELECT NULL, NULL WHERE CASE WHEN EXISTS (SELECT 1 FROM job) THEN false
+                             ELSE syncworker.fenced(%(run_id)s) END;
 
 -- name: record_error
 -- One error, for an operator to read (never a secret).
@@ -153,6 +157,10 @@ SELECT pg_notify('syncworker_alerts', %(payload)s);
 -- name: abandon_run
 -- Give a run up (its session is gone, or the worker is shutting down) and rerun the job.
 SELECT syncworker.abandon_run(%(run_id)s, %(reason)s) AS integration_id;
+
+-- name: announce_runs
+-- Wake the leader's rescuer: this worker started running while none of its runs ran.
+SELECT pg_notify('syncworker', '{"runs_started": true}');
 
 -- name: rescue_abandoned
 -- Leader: abandon every running run whose session is gone; report how many still run.

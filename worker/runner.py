@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from worker import connectors, hooks, logs, schedule
 from worker.connectors.base import ConfigError, FencedError, RunContext, RunResult, SyncError
+from worker.maintenance import Census
 from worker.queries import Q
 from worker.secrets import SecretError, redact, redact_value
 
@@ -88,6 +89,19 @@ def classify(exc: BaseException, timed_out: bool) -> Failure:
     return Failure(error_type, message[:MAX_ERROR_TEXT], detail)
 
 
+def alert(job: Job, failure: Failure | None, plan: schedule.Plan) -> str:
+    """The JSON payload of `NOTIFY syncworker_alerts` when a job is disabled."""
+    return json.dumps(
+        {
+            "integration": job.name,
+            "integration_id": job.id,
+            "run_id": job.run_id,
+            "error_type": failure and failure.error_type,
+            "reason": plan.disabled_reason,
+        }
+    )
+
+
 class Runner:
     """Executes claimed jobs.  Each run uses a session of its own from `run_pool`."""
 
@@ -98,11 +112,13 @@ class Runner:
         *,
         max_backoff: float = schedule.DEFAULT_MAX_BACKOFF,
         rand: Callable[[], float] = random.random,
+        census: Census | None = None,
     ) -> None:
         self.run_pool = run_pool
         self.pool = pool
         self.max_backoff = max_backoff
         self.rand = rand
+        self.census = census or Census()
 
     async def run(self, job: Job, worker_id: int, more: Callable[[], bool]) -> None:
         """Run `job` on a session of its own; then, for as long as `more()` allows, the
@@ -130,6 +146,8 @@ class Runner:
                 await self._run_on(conn, current, following)
                 if following is not None and not following.done and more():
                     await following.claim()
+                    if following.job is not None:
+                        self.census.claimed([following.job.run_id])
             except _StaleSession:
                 if current is job:
                     raise
@@ -169,6 +187,7 @@ class Runner:
                 return None
             return await self._execute(lock, job, _DbClock(locked_at), following)
         finally:
+            self.census.finishing(job.run_id)
             if not conn.broken:
                 if following is None or following.job is None:
                     await conn.rollback()
@@ -240,6 +259,7 @@ class Runner:
                 result = await connector.run(ctx)
         except asyncio.CancelledError:
             # The worker is shutting down: hand the job back for an immediate rerun.
+            self.census.finishing(job.run_id)
             await conn.rollback()
             await conn.execute(
                 Q["abandon_run"],
@@ -384,20 +404,13 @@ class Runner:
             "slot": plan.slot,
             "scheduled_sync_at": plan.scheduled_sync_at,
         }
-        alert = json.dumps(
-            {
-                "integration": job.name,
-                "integration_id": job.id,
-                "run_id": job.run_id,
-                "error_type": failure and failure.error_type,
-                "reason": plan.disabled_reason,
-            }
-        )
         conn = lock.conn
+        self.census.finishing(job.run_id)
         try:
-            # One round trip: errors, the fenced final statement, the alert, COMMIT, the
-            # lock's release only after the commit, and the next claim.  If finish_run
-            # finds the run fenced it raises, and the rest of the pipeline is skipped.
+            # One round trip: errors, the fenced final statement (which makes the commit
+            # durable), the alert, the next claim, COMMIT, and the lock's release only
+            # after the commit.  If finish_run finds the run fenced it raises, and the
+            # rest of the pipeline is skipped.
             async with conn.pipeline(), conn.cursor() as cur:
                 if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                     await cur.execute(b"BEGIN")  # after a rollback of the run's own work
@@ -405,18 +418,18 @@ class Runner:
                     await cur.executemany(Q["record_error"], rows)
                 await cur.execute(Q["finish_run"], params)
                 if plan.disabled_reason:
-                    await cur.execute(Q["send_alert"], {"payload": alert})
-                await cur.execute(b"SET LOCAL synchronous_commit = on")  # the run's result is durable
+                    await cur.execute(Q["send_alert"], {"payload": alert(job, failure, plan)})
                 if following is None:
                     await cur.execute(b"COMMIT")
-                    await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
                 else:
-                    await cur.execute(b"COMMIT AND CHAIN")  # the claim's transaction opens at once
-                    await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
-                    await following.queue(cur)
+                    await following.queue()  # commits with the run; the next run's transaction opens
+                    await cur.execute(b"COMMIT AND CHAIN")
+                await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
             lock.held = False
             if following is not None:
                 await following.collect()
+                if following.job is not None:
+                    self.census.claimed([following.job.run_id], replacing=True)
         except psycopg.errors.SerializationFailure as exc:
             log.warning("run fenced off at commit, nothing committed: %s", exc.diag.message_primary)
             return "abandoned"
@@ -434,6 +447,7 @@ class Runner:
     async def _abandon(self, job: Job, reason: str) -> None:
         """Hand the job back through another session, retrying while the database is away."""
         assert self.pool is not None
+        self.census.finishing(job.run_id)
         delay = 0.2
         while True:
             try:
@@ -448,10 +462,10 @@ class Runner:
 class _NextClaim:
     """A run session's next job, claimed with `claim_next` (lock and run row in one statement).
 
-    `queue()` adds the claim to an open pipeline, inside an open transaction, and
-    commits it with AND CHAIN: the next run's transaction is open at once.
-    `collect()` reads what was claimed once the pipeline is done.  `claim()` does it
-    all in a round trip of its own.
+    `queue()` adds the claim to an open pipeline, inside the finishing run's transaction:
+    the claim commits with the run's result, and COMMIT AND CHAIN opens the next run's
+    transaction at once.  `collect()` reads what was claimed once the pipeline is done.
+    `claim()` does it all in a round trip of its own.
     """
 
     def __init__(self, conn: AsyncConnection[TupleRow], worker_id: int) -> None:
@@ -461,10 +475,9 @@ class _NextClaim:
         self.done = False
         self.job: Job | None = None
 
-    async def queue(self, cur: psycopg.AsyncCursor[Any]) -> None:
+    async def queue(self) -> None:
         self._claimed = self.conn.cursor(row_factory=dict_row)
         await self._claimed.execute(Q["claim_next"], {"worker_id": self.worker_id})
-        await cur.execute(b"COMMIT AND CHAIN")
 
     async def collect(self) -> None:
         assert self._claimed is not None
@@ -478,7 +491,8 @@ class _NextClaim:
     async def claim(self) -> None:
         async with self.conn.pipeline(), self.conn.cursor() as cur:
             await cur.execute(b"BEGIN")
-            await self.queue(cur)
+            await self.queue()
+            await cur.execute(b"COMMIT AND CHAIN")
         await self.collect()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from helpers import WorkerProcess, add_job, execute, one, rows, wait_for, workers
@@ -115,3 +116,16 @@ def test_sigterm_mid_burst_finishes_what_runs_and_claims_nothing_more(jobdb: str
     # What did not run is still due, untouched, for the next worker.
     assert one(jobdb, "SELECT count(*) FROM syncworker.integrations WHERE last_status IS NULL") == 2000 - done
     assert one(jobdb, "SELECT count(*) FROM public.ticks") == done
+
+
+def test_a_burst_wakes_the_leader_once_not_once_per_run(jobdb: str, tmp_path: Path) -> None:
+    with psycopg.connect(jobdb, autocommit=True) as listener:
+        listener.execute("LISTEN syncworker")
+        with workers(jobdb, tmp_path, 1):
+            wait_for(lambda: one(jobdb, "SELECT count(*) FROM syncworker.workers"), what="the worker")
+            add_burst(jobdb, 300)
+            wait_for(lambda: successes(jobdb) >= 300, timeout=60, what="300 successful runs")
+        started = [n for n in listener.notifies(timeout=1) if "runs_started" in n.payload]
+    # The worker announces when it starts running while none of its runs ran: for one
+    # burst that is once (a few times if its sessions all ran dry for a moment).
+    assert 1 <= len(started) <= 10

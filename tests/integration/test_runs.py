@@ -223,3 +223,12 @@ def test_a_run_that_is_no_longer_live_commits_nothing(jobdb: str) -> None:
     row = job(jobdb, "usurped")
     assert row["state"] == {"kept": True} and row["pending_trigger"] == "rescue"
     assert one(jobdb, "SELECT status FROM syncworker.sync_runs") == "abandoned"
+
+
+def test_run_once_wakes_the_leader_as_its_run_starts(jobdb: str) -> None:
+    add_job(jobdb, "manual", "sql", {"statement": "SELECT 1"})
+    with psycopg.connect(jobdb, autocommit=True) as listener:
+        listener.execute("LISTEN syncworker")
+        assert run(jobdb, "manual").status == "success"
+        started = [n for n in listener.notifies(timeout=0.5) if "runs_started" in n.payload]
+    assert len(started) == 1

@@ -164,6 +164,8 @@ SELECT pg_notify('syncworker', '{"runs_started": true}');
 
 -- name: rescue_abandoned
 -- Leader: abandon every running run whose session is gone; report how many still run.
+-- A run not yet locked belongs to its worker's session until it is a minute old: a
+-- claim whose reply never reached the worker is not left running for ever.
 WITH held AS (
   SELECT classid::bigint AS ns, objid::bigint AS key2 FROM pg_locks
    WHERE locktype = 'advisory' AND granted AND objsubid = 2
@@ -173,6 +175,7 @@ WITH held AS (
      AND NOT EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('integration')
                                          AND key2 = r.integration_id)
      AND (r.locked_at IS NOT NULL OR r.worker_id IS NULL
+          OR r.started_at < now() - interval '1 minute'
           OR NOT EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('worker')
                                              AND key2 = r.worker_id))
 ), rescued AS (

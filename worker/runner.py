@@ -148,15 +148,13 @@ class Runner:
                     await following.claim()
                     if following.job is not None:
                         self.census.claimed([following.job.run_id])
-            except _StaleSession:
-                if current is job:
-                    raise
-                await self._abandon(current, "the run's session failed before the run started")
-                return
             except psycopg.OperationalError as exc:
                 # The session (and with it the lock) is gone: nothing of this run may commit.
-                log.warning("run lost its database session: %s", redact(str(exc)))
+                log.warning("run session lost: %s", redact(str(exc)))
                 await self._abandon(current, f"the run lost its database session: {redact(str(exc))[:300]}")
+                # A claim may have committed without its reply reaching us: its run is
+                # the rescuer's now, so make sure the leader is looking.
+                self.census.announce()
                 return
             current = following.job if following is not None else None
 
@@ -179,6 +177,8 @@ class Runner:
             if locked_at is not None and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 await conn.execute(b"BEGIN")
         except psycopg.OperationalError as exc:
+            if job.locked_at is not None:
+                raise  # this session took the lock already: the run is lost with it
             raise _StaleSession from exc
         lock = _Lock(conn, job.id)
         try:

@@ -64,6 +64,28 @@ def test_rescuer_abandons_only_runs_whose_session_is_gone(db: str) -> None:
     assert report.rescued == 2
 
 
+def test_rescuer_hands_back_a_run_its_live_worker_never_locked(db: str) -> None:
+    # A claim whose reply was lost: the worker lives on but will never run it.
+    worker = one(
+        db, "INSERT INTO syncworker.workers (hostname, pid, version) VALUES ('h', 1, 'v') RETURNING id"
+    )
+    lost = add_job(db, "lost", "sql", {"statement": "select 1"}, interval_seconds=60)
+    fresh = add_job(db, "fresh", "sql", {"statement": "select 1"}, interval_seconds=60)
+    lost_run = _open_run(db, lost, worker, locked=False)
+    _open_run(db, fresh, worker, locked=False)
+    execute(
+        db,
+        "UPDATE syncworker.sync_runs SET started_at = now() - interval '2 minutes' WHERE id = %s",
+        (lost_run,),
+    )
+    with psycopg.connect(db, autocommit=True) as session:
+        session.execute("SELECT pg_advisory_lock(syncworker.lock_key('worker'), %s)", (worker,))
+        report = _round(db, Rescuer)
+    assert report.rescued == 1
+    assert one(db, "SELECT status FROM syncworker.sync_runs WHERE id = %s", (lost_run,)) == "abandoned"
+    assert one(db, "SELECT pending_trigger FROM syncworker.integrations WHERE id = %s", (lost,)) == "rescue"
+
+
 def test_pruner_keeps_recent_runs_and_unresolved_errors(db: str) -> None:
     job = add_job(db, "old", "sql", {"statement": "select 1"})
     old = "now() - interval '40 days'"

@@ -207,9 +207,16 @@ DELETE FROM syncworker.sync_errors WHERE id IN (
    LIMIT %(batch)s);
 
 -- name: prune_workers
--- Leader: forget replicas that stopped longer ago than the retention.
-DELETE FROM syncworker.workers
- WHERE stopped_at < now() - make_interval(days => %(retention_days)s);
+-- Leader: forget replicas that stopped longer ago than the retention (one row back for each);
+-- the runs that name them keep a NULL worker_id.
+WITH gone AS (
+  DELETE FROM syncworker.workers
+   WHERE stopped_at < now() - make_interval(days => %(retention_days)s)
+  RETURNING id
+), unlinked AS (
+  UPDATE syncworker.sync_runs SET worker_id = NULL WHERE worker_id IN (SELECT id FROM gone)
+)
+SELECT id FROM gone;
 
 -- name: schema_version
 -- Is the schema there, and at which revision?

@@ -119,3 +119,30 @@ def test_pruner_keeps_recent_runs_and_unresolved_errors(db: str) -> None:
         "old unresolved",
         "new resolved",
     }
+
+
+def test_pruner_forgets_long_stopped_replicas_and_their_runs_keep_no_dangling_id(db: str) -> None:
+    job = add_job(db, "j", "sql", {"statement": "select 1"})
+    gone, recent = (
+        one(
+            db,
+            "INSERT INTO syncworker.workers (hostname, pid, version, stopped_at) "
+            "VALUES ('h', 1, 'v', now() - make_interval(days => %s)) RETURNING id",
+            (days,),
+        )
+        for days in (40, 2)
+    )
+    for worker in (gone, recent):
+        execute(
+            db,
+            "INSERT INTO syncworker.sync_runs (integration_id, worker_id, status, finished_at) "
+            "VALUES (%s, %s, 'success', now())",
+            (job, worker),
+        )
+    report = _round(db, Pruner, 30)
+    assert report == PruneReport(runs=0, errors=0, workers=1)
+    assert [r["id"] for r in rows(db, "SELECT id FROM syncworker.workers")] == [recent]
+    assert sorted(
+        (r["worker_id"] for r in rows(db, "SELECT worker_id FROM syncworker.sync_runs")),
+        key=lambda w: w or 0,
+    ) == [None, recent]

@@ -127,7 +127,9 @@ class Worker:
             due_in = await self._due_in(conn) if recheck else 0.0
             if due_in <= 0:
                 cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(Q["claim_due"], {"limit": free, "worker_id": self.listener.worker_id})
+                await cur.execute(
+                    Q["claim"], {"limit": free, "lock": False, "worker_id": self.listener.worker_id}
+                )
                 jobs = [Job.from_row(row) for row in await cur.fetchall()]
                 self.census.claimed([job.run_id for job in jobs])
                 if jobs:

@@ -26,48 +26,26 @@ UPDATE syncworker.workers SET stopped_at = now(), leader = false, running = 0
 -- Blocks until this session is the leader; returns at once when no one else is.
 SELECT pg_advisory_lock(syncworker.lock_key('leader'), 0);
 
--- name: claim_due
--- Take up to %(limit)s due jobs and open a run for each, in one statement.
-WITH due AS (
-  SELECT id, retry_count, pending_trigger, coalesce(scheduled_sync_at, next_sync_at) AS slot
-    FROM syncworker.integrations
-   WHERE enabled AND running_run_id IS NULL AND next_sync_at <= now()
-   ORDER BY next_sync_at, id
-   LIMIT %(limit)s
-     FOR UPDATE SKIP LOCKED
-), runs AS (
-  INSERT INTO syncworker.sync_runs (integration_id, trigger, attempt, worker_id, scheduled_for)
-  SELECT id, coalesce(pending_trigger, CASE WHEN retry_count > 0 THEN 'retry' ELSE 'schedule' END),
-         retry_count + 1, %(worker_id)s, slot
-    FROM due
-  RETURNING id, integration_id, trigger, attempt, scheduled_for, locked_at
-)
-UPDATE syncworker.integrations i
-   SET running_run_id = runs.id, pending_trigger = NULL, scheduled_sync_at = NULL
-  FROM runs
- WHERE i.id = runs.integration_id
-RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i.timezone,
-          i.max_retries, i.retry_backoff_seconds, i.timeout_seconds, i.retry_count,
-          runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for, runs.locked_at;
-
--- name: claim_next
--- A run session takes the next due job for itself as its previous run finishes: the
--- integration lock is taken and locked_at set in the same statement that opens the run.
--- It runs inside the finishing run's transaction, so it reads the clock itself rather
--- than now() (the transaction's start).
+-- name: claim
+-- Take up to %(limit)s due jobs and open a run for each, in one statement.  With %(lock)s
+-- (a run session claiming its own next job) it also takes each job's integration lock
+-- and sets locked_at: that session runs it.  It may run inside a finishing run's
+-- transaction, so it reads the clock itself rather than now() (the transaction's start).
 WITH due AS MATERIALIZED (
   SELECT id, retry_count, pending_trigger, coalesce(scheduled_sync_at, next_sync_at) AS slot
     FROM syncworker.integrations
    WHERE enabled AND running_run_id IS NULL AND next_sync_at <= statement_timestamp()
    ORDER BY next_sync_at, id
-   LIMIT 1
+   LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED
 ), runs AS (
   INSERT INTO syncworker.sync_runs
     (integration_id, trigger, attempt, worker_id, scheduled_for, started_at, locked_at)
   SELECT id, coalesce(pending_trigger, CASE WHEN retry_count > 0 THEN 'retry' ELSE 'schedule' END),
-         retry_count + 1, %(worker_id)s, slot, clock_timestamp(), clock_timestamp()
-    FROM due, LATERAL (SELECT pg_advisory_lock(syncworker.lock_key('integration'), due.id::integer)) AS l
+         retry_count + 1, %(worker_id)s, slot, clock_timestamp(),
+         CASE WHEN %(lock)s THEN clock_timestamp() END
+    FROM due, LATERAL (SELECT CASE WHEN %(lock)s THEN
+                         pg_advisory_lock(syncworker.lock_key('integration'), due.id::integer) END) AS l
   RETURNING id, integration_id, trigger, attempt, scheduled_for, locked_at
 )
 UPDATE syncworker.integrations i

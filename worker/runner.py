@@ -167,7 +167,7 @@ class Runner:
     ) -> str | None:
         # Run sessions are in autocommit mode: the lock and locked_at are taken and
         # committed first; the run's own work then happens in one explicit transaction
-        # (already open for a job claimed by `claim_next`).
+        # (already open for a job this session claimed itself).
         try:
             locked_at = job.locked_at
             if locked_at is None:
@@ -460,7 +460,7 @@ class Runner:
 
 
 class _NextClaim:
-    """A run session's next job, claimed with `claim_next` (lock and run row in one statement).
+    """A run session's next job, claimed by that session (`claim` with its lock and run row).
 
     `queue()` adds the claim to an open pipeline, inside the finishing run's transaction:
     the claim commits with the run's result, and COMMIT AND CHAIN opens the next run's
@@ -477,7 +477,7 @@ class _NextClaim:
 
     async def queue(self) -> None:
         self._claimed = self.conn.cursor(row_factory=dict_row)
-        await self._claimed.execute(Q["claim_next"], {"worker_id": self.worker_id})
+        await self._claimed.execute(Q["claim"], {"limit": 1, "lock": True, "worker_id": self.worker_id})
 
     async def collect(self) -> None:
         assert self._claimed is not None

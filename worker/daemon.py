@@ -126,18 +126,8 @@ class Worker:
         async with self.pool.connection() as conn:
             due_in = await self._due_in(conn) if recheck else 0.0
             if due_in <= 0:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(
-                    Q["claim"], {"limit": free, "lock": False, "worker_id": self.listener.worker_id}
-                )
-                jobs = [Job.from_row(row) for row in await cur.fetchall()]
-                self.census.claimed([job.run_id for job in jobs])
-                if jobs:
-                    self.unclaimable.reset()
-                for job in jobs:
-                    self._start_run(job)
-                self.more_due = len(jobs) == free
-                if self.more_due:
+                self.more_due = await self._claim(conn, free) == free
+                if self.more_due:  # every free slot is taken: a finishing run rings the alarm
                     self.alarm.ring_in(poll, recheck=True)
                     return
                 due_in = await self._due_in(conn)
@@ -149,6 +139,18 @@ class Worker:
             self.alarm.ring_in(poll, recheck=True)
         else:
             self.alarm.ring_in(max(due_in, MIN_RECHECK))
+
+    async def _claim(self, conn: AsyncConnection[TupleRow], limit: int) -> int:
+        """Claim up to `limit` due jobs and start a run for each; returns how many."""
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(Q["claim"], {"limit": limit, "lock": False, "worker_id": self.listener.worker_id})
+        jobs = [Job.from_row(row) for row in await cur.fetchall()]
+        self.census.claimed([job.run_id for job in jobs])
+        if jobs:
+            self.unclaimable.reset()
+        for job in jobs:
+            self._start_run(job)
+        return len(jobs)
 
     async def _due_in(self, conn: AsyncConnection[TupleRow]) -> float:
         """Seconds until the earliest idle job is due (negative: overdue; inf: none)."""

@@ -12,7 +12,18 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from helpers import WorkerProcess, add_job, execute, one, rows, wait_for, worker_env, workers
+from helpers import (
+    WorkerProcess,
+    add_job,
+    create_database,
+    drop_database,
+    execute,
+    one,
+    rows,
+    wait_for,
+    worker_env,
+    workers,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +39,43 @@ def starts(url: str, name: str) -> list[dict[str, object]]:
         "ORDER BY id",
         (name,),
     )
+
+
+def terminate_integration_lock_holders(url: str) -> int:
+    """Terminate the sessions of this database (only) that hold an integration lock; return how many."""
+    return int(
+        one(
+            url,
+            """SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.classid = syncworker.lock_key('integration')
+                  AND l.granted
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
+        )
+    )
+
+
+def test_terminating_lock_holders_spares_other_databases(jobdb: str) -> None:
+    other_name, other_url = create_database()
+    try:
+        key = one(jobdb, "SELECT syncworker.lock_key('integration')")
+        with (
+            psycopg.connect(jobdb, autocommit=True) as ours,
+            psycopg.connect(other_url, autocommit=True) as theirs,
+        ):
+            ours.execute("SELECT pg_advisory_lock(%s, 1)", (key,))
+            theirs.execute("SELECT pg_advisory_lock(%s, 1)", (key,))
+            assert terminate_integration_lock_holders(jobdb) == 1
+            with pytest.raises(psycopg.OperationalError):
+                ours.execute("SELECT 1")
+            # The unrelated database's session is alive and still holds its lock.
+            held = theirs.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND classid = %s AND objid = 1 AND pid = pg_backend_pid()",
+                (key,),
+            ).fetchone()
+            assert held == (1,)
+    finally:
+        drop_database(other_name)
 
 
 def test_replicas_share_work_and_never_overlap_runs_of_one_job(jobdb: str, tmp_path: Path) -> None:
@@ -77,12 +125,7 @@ def test_lost_session_is_fenced_nothing_of_the_run_commits(jobdb: str, tmp_path:
     with workers(jobdb, tmp_path, 1):
         first = wait_for(lambda: starts(jobdb, "fenced"), timeout=15, what="the run to start")[0]
         # Cut the run's own session (the one holding the integration lock), as a network cut would.
-        execute(
-            jobdb,
-            """SELECT pg_terminate_backend(l.pid) FROM pg_locks l
-                           WHERE l.locktype = 'advisory' AND l.classid = syncworker.lock_key('integration')
-                             AND l.granted""",
-        )
+        assert terminate_integration_lock_holders(jobdb) == 1
         wait_for(
             lambda: one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'success'"),
             timeout=20,

@@ -134,7 +134,14 @@ def test_timeout_cancels_the_run(jobdb: str) -> None:
     run_row = rows(jobdb, "SELECT error_type, duration_ms FROM syncworker.sync_runs")[0]
     assert run_row["error_type"] == "timeout" and run_row["duration_ms"] < 5000
     # The statement was cancelled on the server too.
-    assert one(jobdb, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%%'") == 0
+    assert (
+        one(
+            jobdb,
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'SELECT pg_sleep(30)%%'",
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize(

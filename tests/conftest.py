@@ -2,7 +2,8 @@
 
 The server comes from SYNCWORKER_TEST_DATABASE_URL (default
 postgresql://postgres@127.0.0.1:5432/postgres); that URL is only used to
-CREATE and DROP databases whose names start with ``swtest_``.  Redis comes
+CREATE and DROP databases whose names start with SYNCWORKER_TEST_DB_PREFIX
+(default ``swtest_``; lower-case letters, digits and underscores).  Redis comes
 from SYNCWORKER_TEST_REDIS_URL (default redis://127.0.0.1:6379/0); tests only
 touch keys under a unique prefix.
 """
@@ -14,9 +15,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers import ADMIN_URL, REDIS_URL, create_database, drop_database, url_for_db
+from helpers import ADMIN_URL, REDIS_URL, create_database, db_prefix, drop_database, url_for_db
 
 __all__ = ["ADMIN_URL", "REDIS_URL", "create_database", "drop_database", "url_for_db"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        db_prefix()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,23 @@ T = TypeVar("T")
 ADMIN_URL = os.environ.get("SYNCWORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SYNCWORKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
+DB_PREFIX_VARIABLE = "SYNCWORKER_TEST_DB_PREFIX"
+DEFAULT_DB_PREFIX = "swtest_"
+# Lower-case letters, digits and underscores, starting with a letter: a plain identifier
+# that needs no quoting, and short enough that prefix + 12 hex digits fits in 63 bytes.
+_SAFE_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def db_prefix() -> str:
+    """The prefix of every database the tests create (and the only ones they drop)."""
+    prefix = os.environ.get(DB_PREFIX_VARIABLE, DEFAULT_DB_PREFIX)
+    if not _SAFE_PREFIX.fullmatch(prefix):
+        raise ValueError(
+            f"{DB_PREFIX_VARIABLE}={prefix!r} is not a safe database name prefix: use 1 to 40 lower-case "
+            f"letters, digits or underscores, starting with a letter (default {DEFAULT_DB_PREFIX})"
+        )
+    return prefix
+
 
 def url_for_db(name: str) -> str:
     parts = urlsplit(ADMIN_URL)
@@ -31,7 +49,7 @@ def url_for_db(name: str) -> str:
 
 
 def create_database(template: str | None = None) -> tuple[str, str]:
-    name = f"swtest_{uuid.uuid4().hex[:12]}"
+    name = f"{db_prefix()}{uuid.uuid4().hex[:12]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         if template:
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
@@ -41,7 +59,7 @@ def create_database(template: str | None = None) -> tuple[str, str]:
 
 
 def drop_database(name: str) -> None:
-    assert name.startswith("swtest_")
+    assert name.startswith(db_prefix()), f"refusing to drop {name}: not a test database"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

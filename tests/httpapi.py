@@ -10,6 +10,10 @@
     /link?page=N&per_page=K          [...] with a `Link: <...>; rel="next"` header
     /self                            {"data": [...], "next": "/self"} (a next link to itself)
     /post  (POST, JSON body)         {"data": [...]} filtered by body["kind"]
+    /echo400                         400, and a text body that echoes the request as an
+                                     upstream's error page might: the request line, the
+                                     auth headers as sent, then them and the decoded
+                                     query as JSON
 
 Every list endpoint honours `updated_since` (records with updated_at >= it).
 `faults` is a queue: each request first pops one entry and misbehaves as told:
@@ -107,6 +111,8 @@ class Api:
             records = self.records  # replaced whole on every change, never mutated
         if self.delay:
             time.sleep(self.delay)
+        if parts.path == "/echo400":
+            return self.echo400(h, query)
         if not self.authorized(h, query):
             return self.send(h, 401, {"error": "unauthorized"})
         if fault is not None and self.misbehave(h, fault):
@@ -186,6 +192,19 @@ class Api:
         h.send_header("Content-Length", str(len(payload)))
         for k, v in (headers or {}).items():
             h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(payload)
+
+    def echo400(self, h: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+        sent = {
+            k: v for k, v in h.headers.items() if k.lower() == "authorization" or k.lower().startswith("x-")
+        }
+        lines = [h.requestline, *(f"{k}: {v}" for k, v in sent.items())]
+        lines.append(json.dumps({"error": "bad request", "headers": sent, "query": query}))
+        payload = "\n".join(lines).encode()
+        h.send_response(400)
+        h.send_header("Content-Type", "text/plain; charset=utf-8")
+        h.send_header("Content-Length", str(len(payload)))
         h.end_headers()
         h.wfile.write(payload)
 

@@ -201,8 +201,8 @@ SELECT id FROM gone;
 SELECT to_regclass('syncworker.integrations') IS NOT NULL AS has_schema;
 
 -- name: status
--- The status view, for `syncworker status`.
-SELECT name, kind, health, schedule, running, last_status, last_sync_at, next_sync_at,
+-- The status view, for `syncworker status` (which lists the worst first).
+SELECT name, kind, enabled, health, schedule, running, last_status, last_sync_at, next_sync_at,
        retry_count, runs_24h, success_rate_24h, mean_duration_ms_24h, unresolved_errors,
        coalesce(disabled_reason, last_error) AS problem
   FROM syncworker.status ORDER BY name;

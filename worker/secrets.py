@@ -1,8 +1,16 @@
-"""Secret references in job config ({"env": NAME} or {"file": PATH}) and their redaction."""
+"""Secret references in job config ({"env": NAME} or {"file": PATH}) and their redaction.
+
+A resolved secret is remembered and masked from then on in every form it can take on
+the wire or in an upstream's echo of a request: as is, percent-encoded (any mix of
+encoded and literal characters, either hex case, `+` for a space), JSON-, HTML- or
+backslash-escaped, and inside the base64 of a basic-auth `user:password` pair.
+"""
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,10 +20,20 @@ from worker.db import redact_dsn
 
 MASK = "***"
 # Resolved values shorter than this are too likely to appear by accident in
-# ordinary text ("1", "yes") to be masked everywhere.
+# ordinary text ("1", "yes") to be masked everywhere. The base64 of a basic-auth
+# pair holds the user name and a colon too, so it is masked even for a short password.
 _MIN_MASKED_LENGTH = 4
+# The longest text one character of a secret can become in an encoded form
+# ("%F0%9F%94%91", or a quote under several levels of backslash escaping).
+_MAX_CHAR_EXPANSION = 12
+_SAFE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
+_JSON_SHORT = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t"}
+_HTML_NAMED = {"&": "amp", '"': "quot", "'": "(?:apos|#39)", "<": "lt", ">": "gt"}
 
-_known: set[str] = set()
+_known: set[str] = set()  # secrets as resolved
+_encoded: set[str] = set()  # base64 forms (without padding) of secrets and credential pairs
+_pattern: re.Pattern[str] | None = None  # every form of every secret, longest secrets first
+_longest = 0
 _lock = threading.Lock()
 
 
@@ -59,19 +77,96 @@ def resolve(value: object, field: str) -> str:
 
 
 def remember(secret: str) -> None:
+    """Mask `secret` (and its encoded forms) from now on."""
     if len(secret) >= _MIN_MASKED_LENGTH:
-        with _lock:
-            _known.add(secret)
+        _add({secret}, _base64_forms(secret))
+
+
+def remember_credentials(username: str, password: str) -> None:
+    """Mask a password and the base64 of `username:password`, as sent in basic auth."""
+    remember(password)
+    _add(set(), _base64_forms(f"{username}:{password}"))
+
+
+def _base64_forms(text: str) -> set[str]:
+    raw = text.encode(errors="surrogateescape")  # an environment variable may hold any bytes
+    forms = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
+    # Without the padding, so that a padded, unpadded or percent-encoded tail all match.
+    return {f.rstrip("=") for f in forms if len(f.rstrip("=")) >= _MIN_MASKED_LENGTH}
+
+
+def _add(texts: set[str], encoded: set[str]) -> None:
+    global _pattern, _longest
+    with _lock:
+        if texts <= _known and encoded <= _encoded:
+            return
+        _known.update(texts)
+        _encoded.update(encoded)
+        forms = [(s, _text_pattern(s)) for s in _known]
+        forms += [(s, _text_pattern(s) + "(?:=|%3[dD]){0,2}") for s in _encoded]
+        forms.sort(key=lambda form: len(form[0]), reverse=True)
+        _pattern = re.compile("|".join(pattern for _, pattern in forms))
+        _longest = len(forms[0][0]) + 2
+
+
+def _hex(text: str) -> str:
+    """A regex for hex digits in either case."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in text)
+
+
+def _char_pattern(c: str) -> str:
+    """A regex for one character of a secret, literal or in any encoding it may be shown in."""
+    if c in _SAFE_CHARS:
+        return re.escape(c)
+    code = ord(c)
+    forms = [re.escape(c)]
+    forms.append("".join("%" + _hex(f"{b:02X}") for b in c.encode(errors="surrogateescape")))  # URL encoding
+    if c == " ":
+        forms.append(r"\+")  # form encoding
+    if c in '"\\/':
+        forms.append(r"\\{1,7}" + re.escape(c))  # JSON or shell escaping, nested up to 3 levels
+    if c in _JSON_SHORT:
+        forms.append(r"\\{1,7}" + _JSON_SHORT[c])
+    if code > 0xFFFF:  # JSON escapes a character outside the BMP as a surrogate pair
+        high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
+        forms.append(r"\\u" + _hex(f"{high:04X}") + r"\\u" + _hex(f"{low:04X}"))
+    else:
+        forms.append(r"\\u" + _hex(f"{code:04X}"))
+    if c in _HTML_NAMED:
+        forms.append(f"&{_HTML_NAMED[c]};")
+    forms.append(f"&#(?:{code}|[xX]{_hex(f'{code:x}')});")
+    return "(?:" + "|".join(forms) + ")"
+
+
+def _text_pattern(secret: str) -> str:
+    return "".join(_char_pattern(c) for c in secret)
 
 
 def redact(text: str) -> str:
-    """Mask every secret seen so far and any DSN password in `text`."""
+    """Mask every secret seen so far, in any of its forms, and any DSN password in `text`."""
     if not text:
         return text
-    for secret in sorted(_known, key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, MASK)
+    pattern = _pattern
+    if pattern is not None:
+        text = pattern.sub(MASK, text)
     return redact_dsn(text)
+
+
+def redact_excerpt(text: str, limit: int, *, cut: bool = False) -> str:
+    """`text` (an upstream's answer, say) on one line, redacted, at most `limit` characters.
+
+    `cut` says that `text` is only the start of something longer: a secret split at its
+    end cannot be recognised, so the tail where it could be is dropped too.
+    """
+    shown = redact(text)
+    if cut:
+        tail = max(256, _longest * _MAX_CHAR_EXPANSION)  # 256: room for a DSN's password too
+        shown = shown[: max(0, len(shown) - tail)]
+    # Redact again: joining lines could join the parts of a secret that holds a line break.
+    shown = redact(" ".join(shown.split()))
+    if cut or len(shown) > limit:
+        return shown[: max(0, limit - 1)] + "…"
+    return shown
 
 
 def redact_value(value: Any) -> Any:
@@ -79,7 +174,10 @@ def redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, Mapping):
-        return {k: (MASK if is_reference(v) else redact_value(v)) for k, v in value.items()}
+        return {
+            redact(k) if isinstance(k, str) else k: (MASK if is_reference(v) else redact_value(v))
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [redact_value(v) for v in value]
     return value

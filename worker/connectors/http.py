@@ -57,6 +57,8 @@ DEFAULT_BREAKER_COOLDOWN = 300.0
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 MAX_RETRY_AFTER = 600.0
+ERROR_BODY_READ = 16 * 1024  # bytes of an error response read to quote from
+ERROR_BODY_SHOWN = 500  # characters of it quoted in the error, secrets masked
 
 Conn = AsyncConnection[TupleRow]
 
@@ -582,10 +584,10 @@ class Fetcher:
         if spec.get("type") == "bearer":
             headers["Authorization"] = "Bearer " + secrets.resolve(spec["token"], "auth.token")
         elif spec.get("type") == "basic":
-            auth = httpx.BasicAuth(
-                str(self._resolve(spec["username"], "auth.username")),
-                secrets.resolve(spec["password"], "auth.password"),
-            )
+            username = str(self._resolve(spec["username"], "auth.username"))
+            password = secrets.resolve(spec["password"], "auth.password")
+            secrets.remember_credentials(username, password)  # the header carries base64(user:password)
+            auth = httpx.BasicAuth(username, password)
         elif spec.get("type") == "api_key":
             value = secrets.resolve(spec["value"], "auth.value")
             if spec.get("in", "header") == "header":
@@ -647,18 +649,17 @@ class Fetcher:
                     )
                 if response.status_code >= 400:
                     await self.host.record(True)
-                    text = (await response.aread())[:300].decode(errors="replace")
                     raise SyncError(
-                        f"{where}: HTTP {response.status_code}: {secrets.redact(text)}".strip(),
+                        f"{where}: HTTP {response.status_code}: {await _error_body(response)}".strip(),
                         error_type="upstream_http",
                     )
                 raw = await self._read_capped(response, where)
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
             what = "timed out" if kind == "timeout" else f"{type(exc).__name__}: {exc}"
-            message = f"{where}: {what}"
+            message = secrets.redact(f"{where}: {what}")
             await self.host.record(False, message)
-            raise Retryable(secrets.redact(message), error_type=kind) from None
+            raise Retryable(message, error_type=kind) from None
         try:
             body = json.loads(raw)
         except ValueError as exc:
@@ -689,6 +690,19 @@ class Fetcher:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def _error_body(response: httpx.Response) -> str:
+    """The start of an error response, on one line, secrets masked: it may echo the request."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > ERROR_BODY_READ:
+            break
+    text = b"".join(chunks)[:ERROR_BODY_READ].decode(errors="replace")
+    return secrets.redact_excerpt(text, ERROR_BODY_SHOWN, cut=size > ERROR_BODY_READ)
 
 
 # -- one run -----------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any, NoReturn
 
 import psycopg
@@ -20,7 +21,14 @@ from worker.settings import SETTINGS, Settings, SettingsError
 
 
 class CliError(Exception):
-    """An expected failure: printed as one line, exit status 1."""
+    """An expected failure: printed as one line, exit status 1.
+
+    The database and how it was chosen are added to the message unless it names them already.
+    """
+
+    def __init__(self, message: str, *, names_database: bool = False) -> None:
+        super().__init__(message)
+        self.names_database = names_database
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,18 +36,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+_DATABASE_URL_HELP = (
+    "PostgreSQL URL (postgresql://..., postgresql+psycopg://... or key=value); default: "
+    "SYNCWORKER_DATABASE_URL, else DATABASE_URL, else libpq's PG* variables"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # --database-url goes before or after the command; after it wins. The command's copy has no
+    # default so that it does not overwrite one given before the command.
     common = _Parser(add_help=False)
-    common.add_argument(
-        "--database-url",
-        metavar="URL",
-        help="PostgreSQL URL (default: SYNCWORKER_DATABASE_URL, DATABASE_URL, or PG* variables)",
-    )
+    common.add_argument("--database-url", metavar="URL", default=argparse.SUPPRESS, help=_DATABASE_URL_HELP)
     parser = _Parser(prog="syncworker", description="Run data sync jobs defined as rows in Postgres.")
     parser.add_argument("--version", action="version", version=f"syncworker {__version__}")
+    parser.add_argument("--database-url", metavar="URL", default=None, help=_DATABASE_URL_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    sub.add_parser("migrate", parents=[common], help="create or upgrade the syncworker schema")
+    migrate = sub.add_parser("migrate", parents=[common], help="create or upgrade the syncworker schema")
+    migrate.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="migrate even a database chosen by libpq's defaults rather than named, without asking",
+    )
 
     run = sub.add_parser("run", parents=[common], help="run the worker daemon")
     for setting in SETTINGS:
@@ -99,65 +118,145 @@ def _positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    url = args.database_url if args.database_url is not None else db.database_url()
-    handler: Callable[[argparse.Namespace, str], int] = COMMANDS[args.command]
+    if args.database_url is not None and not args.database_url.strip():
+        _fail("--database-url is empty")
+    target = db.choose_database(args.database_url)
+    handler: Callable[[argparse.Namespace, db.Target], int] = COMMANDS[args.command]
     try:
-        return handler(args, url)
-    except (CliError, SettingsError) as exc:
+        return handler(args, target)
+    except SettingsError as exc:
         _fail(str(exc))
-    except psycopg.errors.UndefinedTable:
-        _fail(f"no syncworker schema in {db.describe_target(url)}: run `syncworker migrate` first")
-    except psycopg.errors.UndefinedFunction:
-        _fail(f"the syncworker schema in {db.describe_target(url)} is out of date: run `syncworker migrate`")
-    except psycopg.OperationalError as exc:
-        _fail(f"cannot connect to {db.describe_target(url)}: {db.connection_problem(exc)}")
+    except CliError as exc:
+        _fail(str(exc) if exc.names_database else f"{exc}; database {target.describe()}")
     except psycopg.Error as exc:
-        message = (exc.diag.message_primary or str(exc)).strip()
-        hint = f" ({exc.diag.message_hint})" if exc.diag.message_hint else ""
-        _fail(message + hint)
+        _fail(db.database_error(exc, target))
     except KeyboardInterrupt:
         return 130
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"syncworker: error: {message}", file=sys.stderr)
+    print(f"syncworker: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(1)
 
 
-def _connect(url: str) -> psycopg.Connection[dict[str, Any]]:
-    return psycopg.connect(url, autocommit=True, row_factory=dict_row, **db.connect_kwargs("syncworker cli"))
+def _connect(target: db.Target, *, schema: bool = True) -> psycopg.Connection[dict[str, Any]]:
+    """A session on the control database; with `schema`, one that has the syncworker schema."""
+    conn = psycopg.connect(
+        target.url, autocommit=True, row_factory=dict_row, **db.connect_kwargs("syncworker cli")
+    )
+    if schema:
+        try:
+            row = conn.execute(Q["schema_version"]).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        if not row or not row["has_schema"]:
+            conn.close()
+            raise CliError(db.no_schema(target), names_database=True)
+    return conn
+
+
+def _check_database(target: db.Target) -> None:
+    """Fail now, with the usual one line, if the database cannot be reached or has no schema."""
+    _connect(target).close()
+
+
+def _say_database(target: db.Target) -> None:
+    """Which database a report comes from, on stderr so that stdout stays the report itself."""
+    print(f"syncworker: database {target.describe()}", file=sys.stderr)
 
 
 # -- commands -----------------------------------------------------------------------------
 
 
-def cmd_migrate(args: argparse.Namespace, url: str) -> int:
+def cmd_migrate(args: argparse.Namespace, target: db.Target) -> int:
+    from alembic.util import CommandError
+    from sqlalchemy.exc import DBAPIError
+
     from worker.migrate import head_revision, upgrade
 
-    with _connect(url):
-        pass  # a clear "cannot connect" before alembic's longer traceback-shaped errors
-    upgrade(url)
-    print(f"schema syncworker is at revision {head_revision()} in {db.describe_target(url)}")
+    # a clear "cannot connect" before alembic's longer traceback-shaped errors
+    _connect(target, schema=False).close()
+    if not target.explicit and not args.yes:
+        _confirm_migrate(target)
+    try:
+        upgrade(target.url)
+    except DBAPIError as exc:
+        if isinstance(exc.orig, psycopg.Error):
+            raise exc.orig from None
+        raise
+    except CommandError as exc:  # e.g. the database is at a revision this version does not know
+        raise CliError(f"cannot migrate {target.describe()}: {exc}", names_database=True) from None
+    print(f"schema syncworker is at revision {head_revision()} in {target.describe()}")
     return 0
 
 
-def cmd_run(args: argparse.Namespace, url: str) -> int:
+def _confirm_migrate(target: db.Target) -> None:
+    """A database nobody named is migrated only when a person at a terminal says so."""
+    named = f"--database-url or {db.URL_VARIABLES[0]}"
+    if not sys.stdin.isatty():
+        raise CliError(
+            f"not migrating {target.describe()}: this database was not named; name it with {named}, "
+            "or pass --yes to migrate it anyway",
+            names_database=True,
+        )
+    print(
+        f"syncworker: {target.describe()} was not named with {named}.\n"
+        "Create or upgrade the syncworker schema in this database? [y/N] ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise CliError(f"not migrating {target.describe()}: not confirmed", names_database=True)
+
+
+def cmd_run(args: argparse.Namespace, target: db.Target) -> int:
+    import logging
+
     from worker import logs
     from worker.daemon import StartupError, Worker
 
-    settings = Settings.load({s.name: getattr(args, s.name) for s in SETTINGS}, database_url=url)
+    settings = Settings.load({s.name: getattr(args, s.name) for s in SETTINGS}, database_url=target.url)
+    _check_database(target)
     logs.setup(settings.log_format, settings.log_level)
+    logging.getLogger("syncworker.cli").info("database %s", target.describe())
     try:
         return asyncio.run(Worker(settings).run())
     except StartupError as exc:
         raise CliError(str(exc)) from None
 
 
-def cmd_status(args: argparse.Namespace, url: str) -> int:
-    with _connect(url) as conn:
+# Worst first: the order `syncworker status` lists health words in. A word this list does not
+# know yet ranks with the problems, before `pending` and `ok`.
+HEALTH_ORDER = ("disabled", "failing", "stale", "overrunning", "late", "degraded", "pending", "ok")
+
+
+def _health_rank(health: str | None) -> float:
+    if health in HEALTH_ORDER:
+        return HEALTH_ORDER.index(health)
+    return HEALTH_ORDER.index("pending") - 0.5
+
+
+def _json_default(value: Any) -> Any:
+    """numeric columns as JSON numbers, times as ISO 8601 strings."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return str(value)
+
+
+def cmd_status(args: argparse.Namespace, target: db.Target) -> int:
+    with _connect(target) as conn:
         rows = conn.execute(Q["status"]).fetchall()
+    rows.sort(key=lambda r: (_health_rank(r["health"]), r["name"]))
+    _say_database(target)
     if args.json:
-        print(json.dumps(rows, default=str, indent=2))
+        print(json.dumps(rows, default=_json_default, indent=2))
         return 0
     if not rows:
         print(
@@ -173,7 +272,7 @@ def cmd_status(args: argparse.Namespace, url: str) -> int:
             r["schedule"],
             "running" if r["running"] else (r["last_status"] or "-"),
             _ago(r["last_sync_at"], now),
-            _until(r["next_sync_at"], now),
+            _until(r["next_sync_at"], now) if r["enabled"] else "-",
             str(r["retry_count"]),
             str(r["runs_24h"]),
             _percent(r["success_rate_24h"]),
@@ -206,10 +305,11 @@ def cmd_status(args: argparse.Namespace, url: str) -> int:
     return 0
 
 
-def cmd_trigger(args: argparse.Namespace, url: str) -> int:
-    with _connect(url) as conn:
+def cmd_trigger(args: argparse.Namespace, target: db.Target) -> int:
+    with _connect(target) as conn:
         row = conn.execute(Q["trigger_sync"], {"name": args.name}).fetchone()
     assert row is not None
+    _say_database(target)
     print(f"{args.name}: {row['result']}")
     return 0
 
@@ -221,10 +321,11 @@ def _integration(conn: psycopg.Connection[dict[str, Any]], name: str) -> dict[st
     return row
 
 
-def cmd_history(args: argparse.Namespace, url: str) -> int:
-    with _connect(url) as conn:
+def cmd_history(args: argparse.Namespace, target: db.Target) -> int:
+    with _connect(target) as conn:
         job = _integration(conn, args.name)
         rows = conn.execute(Q["history"], {"integration_id": job["id"], "limit": args.limit}).fetchall()
+    _say_database(target)
     if not rows:
         print(f"{args.name} has not run yet")
         return 0
@@ -261,11 +362,12 @@ def cmd_history(args: argparse.Namespace, url: str) -> int:
     return 0
 
 
-def cmd_errors(args: argparse.Namespace, url: str) -> int:
-    with _connect(url) as conn:
+def cmd_errors(args: argparse.Namespace, target: db.Target) -> int:
+    with _connect(target) as conn:
         if args.name is not None:
             _integration(conn, args.name)
         rows = conn.execute(Q["unresolved_errors"], {"name": args.name, "limit": args.limit}).fetchall()
+    _say_database(target)
     if not rows:
         print("no unresolved errors")
         return 0
@@ -290,11 +392,12 @@ def cmd_errors(args: argparse.Namespace, url: str) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace, url: str) -> int:
+def cmd_check(args: argparse.Namespace, target: db.Target) -> int:
     from worker.validate import problems
 
-    with _connect(url) as conn:
+    with _connect(target) as conn:
         rows = conn.execute(Q["all_integrations"]).fetchall()
+    _say_database(target)
     found = [(row["name"], problem) for row in rows if (problem := problems(row))]
     for name, problem in found:
         print(f"{name}: {problem}")
@@ -305,17 +408,21 @@ def cmd_check(args: argparse.Namespace, url: str) -> int:
     return 0
 
 
-def cmd_run_once(args: argparse.Namespace, url: str) -> int:
+def cmd_run_once(args: argparse.Namespace, target: db.Target) -> int:
+    import logging
+
     from worker import logs
     from worker.oneshot import OneShotError, run_once
 
     logs.setup(args.log_format, "info")
+    _check_database(target)
     try:
-        outcome = asyncio.run(run_once(url, args.name, dry_run=args.dry_run))
+        outcome = asyncio.run(run_once(target.url, args.name, dry_run=args.dry_run))
     except OneShotError as exc:
         raise CliError(str(exc)) from None
     except ConfigError as exc:
         raise CliError(f"{args.name}: invalid configuration: {exc}") from None
+    logging.getLogger("syncworker.cli").info("database %s", target.describe())
     if args.dry_run:
         result = outcome.result
         assert result is not None
@@ -336,38 +443,41 @@ def cmd_run_once(args: argparse.Namespace, url: str) -> int:
     return 0 if outcome.status in ("success", "partial") else 1
 
 
-def _postgres_job(url: str, name: str) -> Any:
+def _postgres_job(target: db.Target, name: str) -> Any:
     from worker.mirror_tools import postgres_config
 
-    with _connect(url) as conn:
+    with _connect(target) as conn:
         job = _integration(conn, name)
     return postgres_config(job["kind"], job["config"], name)
 
 
-def cmd_install_trigger(args: argparse.Namespace, url: str) -> int:
+def cmd_install_trigger(args: argparse.Namespace, target: db.Target) -> int:
     from worker.mirror_tools import ToolError, install_trigger
 
     try:
-        print(f"{args.name}: {install_trigger(_postgres_job(url, args.name))}")
+        done = install_trigger(_postgres_job(target, args.name))
     except ToolError as exc:
         raise CliError(str(exc)) from None
+    _say_database(target)
+    print(f"{args.name}: {done}")
     return 0
 
 
-def cmd_verify(args: argparse.Namespace, url: str) -> int:
+def cmd_verify(args: argparse.Namespace, target: db.Target) -> int:
     from worker.mirror_tools import ToolError, describe, verify
 
     try:
-        cfg = _postgres_job(url, args.name)
-        report = verify(cfg, url)
+        cfg = _postgres_job(target, args.name)
+        report = verify(cfg, target.url)
     except ToolError as exc:
         raise CliError(str(exc)) from None
+    _say_database(target)
     for line in describe(report, cfg):
         print(f"{args.name}: {line}")
     return 0 if report.ok else 1
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, db.Target], int]] = {
     "migrate": cmd_migrate,
     "run": cmd_run,
     "status": cmd_status,

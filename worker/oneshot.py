@@ -9,9 +9,9 @@ import psycopg
 from psycopg.rows import dict_row
 
 from worker import db
-from worker.connectors.base import RunResult
+from worker.connectors.base import ConfigError, RunResult
 from worker.queries import Q
-from worker.runner import Job, Runner
+from worker.runner import Job, Runner, classify
 
 
 class OneShotError(Exception):
@@ -48,7 +48,16 @@ async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
                     "locked_at": None,
                 }
             )
-            result, ctx = await runner.preview(conn, job)
+            try:
+                result, ctx = await runner.preview(conn, job)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                # an unset secret, an open circuit breaker, an unreachable source: one line
+                failure = classify(exc, timed_out=isinstance(exc, TimeoutError))
+                message = failure.message.removeprefix(f"{type(exc).__name__}: ")
+                problem = f"{failure.error_type}: {message}"
+                raise OneShotError(f"dry run of {name} failed: {problem}") from None
             state = ctx.state if result.state is None else result.state
             return OneShot(None, None, result, state, ctx.failed_records)
         await cur.execute(Q["try_lock_integration"], {"integration_id": row["id"]})

@@ -6,21 +6,46 @@ import asyncio
 import os
 import subprocess
 import sys
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
-from helpers import ROOT, TESTS, add_job, one
+from helpers import ROOT, TESTS, add_job, execute, one
 from worker.oneshot import run_once
 
 
-def cli(url: str | None, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCWORKER_", "PG"))}
-    env["PYTHONPATH"] = str(TESTS)
+def cli(
+    url: str | None, *args: str, env: dict[str, str] | None = None, stdin: Any = subprocess.DEVNULL
+) -> subprocess.CompletedProcess[str]:
+    """`syncworker ARGS` with SYNCWORKER_DATABASE_URL=url, no other database variable, and `env` on top."""
+    full = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SYNCWORKER_", "PG")) and k != "DATABASE_URL"
+    }
+    full["PYTHONPATH"] = str(TESTS)
     if url is not None:
-        env["SYNCWORKER_DATABASE_URL"] = url
+        full["SYNCWORKER_DATABASE_URL"] = url
+    full.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "worker", *args],
+        env=full,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=stdin,
     )
+
+
+def libpq_env(url: str) -> dict[str, str]:
+    """PG* variables naming the database of `url`, for runs where no URL variable is set."""
+    parts = urlsplit(url)
+    return {
+        "PGHOST": parts.hostname or "127.0.0.1",
+        "PGPORT": str(parts.port or 5432),
+        "PGUSER": parts.username or "postgres",
+        "PGDATABASE": parts.path.lstrip("/"),
+    }
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], text: str) -> None:
@@ -136,3 +161,237 @@ def test_run_once_prints_the_outcome(jobdb: str) -> None:
     dry = cli(jobdb, "run-once", "ticks", "--dry-run")
     assert dry.returncode == 0 and "nothing was written" in dry.stdout
     assert one(jobdb, "SELECT count(*) FROM public.ticks") == 1
+
+
+def test_version() -> None:
+    result = cli(None, "--version")
+    assert result.returncode == 0
+    assert result.stdout.strip().startswith("syncworker ") and result.stdout.strip()[-1].isdigit()
+
+
+# -- database errors: one line, by class, hints kept -----------------------------------------------
+
+
+def test_trigger_on_a_disabled_job_gives_the_reason_and_the_hint(jobdb: str) -> None:
+    add_job(jobdb, "off", "sql", {"statement": "select 1"}, enabled=False)
+    execute(jobdb, "UPDATE syncworker.integrations SET disabled_reason = '4 failures in a row'")
+    result = cli(jobdb, "trigger", "off")
+    assert_one_line_error(result, 'integration "off" is disabled (4 failures in a row)')
+    assert "cannot connect" not in result.stderr
+    assert (
+        "hint: Re-enable it first: UPDATE syncworker.integrations SET enabled = true WHERE name = 'off';"
+        in result.stderr
+    )
+
+
+def test_trigger_on_an_unknown_name_keeps_the_hint(jobdb: str) -> None:
+    result = cli(jobdb, "trigger", "zzz")
+    assert_one_line_error(result, 'no integration named "zzz"')
+    assert "hint: SELECT name FROM syncworker.integrations lists the names." in result.stderr
+
+
+def _http_job(url: str, name: str, **config: Any) -> None:
+    add_job(
+        url,
+        name,
+        "http",
+        {
+            "url": "http://127.0.0.1:9/items",
+            "records_path": "",
+            "destination": {
+                "table": "public.api_items",
+                "key": ["id"],
+                "create_table": True,
+                "columns": {"id": "bigint"},
+            },
+            **config,
+        },
+    )
+
+
+def test_dry_run_with_an_unset_secret_is_one_line(jobdb: str) -> None:
+    _http_job(jobdb, "api", auth={"type": "bearer", "token": {"env": "SWTEST_UNSET_TOKEN"}})
+    result = cli(jobdb, "run-once", "api", "--dry-run")
+    assert_one_line_error(result, "dry run of api failed")
+    assert "SWTEST_UNSET_TOKEN" in result.stderr
+
+
+def test_dry_run_with_an_open_circuit_breaker_is_one_line(jobdb: str) -> None:
+    _http_job(jobdb, "api")
+    execute(
+        jobdb,
+        "INSERT INTO syncworker.circuit_breakers (host, state, consecutive_failures, opened_at, last_error)"
+        " VALUES ('127.0.0.1:9', 'open', 5, now(), 'HTTP 503')",
+    )
+    result = cli(jobdb, "run-once", "api", "--dry-run")
+    assert_one_line_error(result, "dry run of api failed: circuit_open")
+
+
+# -- which database ------------------------------------------------------------------------------
+
+
+def test_every_report_names_the_database_and_how_it_was_chosen(jobdb: str) -> None:
+    add_job(jobdb, "ticks", "sql", {"statement": "select 1"})
+    where = "127.0.0.1:5432/" + urlsplit(jobdb).path.lstrip("/")
+    for result, how in [
+        (cli(jobdb, "status"), "from SYNCWORKER_DATABASE_URL"),
+        (cli(None, "status", env={"DATABASE_URL": jobdb}), "from DATABASE_URL"),
+        (cli("postgresql://127.0.0.1:1/nodb", "status", "--database-url", jobdb), "from --database-url"),
+        (cli(None, "status", env=libpq_env(jobdb)), "libpq defaults"),
+        (cli(jobdb, "trigger", "ticks"), "from SYNCWORKER_DATABASE_URL"),
+        (cli(jobdb, "history", "ticks"), "from SYNCWORKER_DATABASE_URL"),
+        (cli(jobdb, "errors"), "from SYNCWORKER_DATABASE_URL"),
+        (cli(jobdb, "check"), "from SYNCWORKER_DATABASE_URL"),
+        (cli(jobdb, "migrate"), "from SYNCWORKER_DATABASE_URL"),
+    ]:
+        assert result.returncode == 0, result.stderr
+        assert f"{where} ({how}" in result.stdout + result.stderr, (how, result.stdout, result.stderr)
+    failed = cli(None, "trigger", "ghost", env=libpq_env(jobdb))
+    assert_one_line_error(failed, 'no integration named "ghost"')
+    assert f"{where} (libpq defaults" in failed.stderr and "PGDATABASE" in failed.stderr
+
+
+def test_an_unnamed_database_is_never_migrated_unasked(empty_db: str) -> None:
+    env = libpq_env(empty_db)
+    name = env["PGDATABASE"]
+
+    def has_schema() -> bool:
+        return bool(one(empty_db, "SELECT to_regnamespace('syncworker') IS NOT NULL"))
+
+    status = cli(None, "status", env=env)
+    assert_one_line_error(status, f"no syncworker schema in 127.0.0.1:5432/{name} (libpq defaults")
+    assert "--database-url" in status.stderr
+
+    refused = cli(None, "migrate", env=env)  # no TTY
+    assert_one_line_error(refused, "--yes")
+    assert name in refused.stderr and not has_schema()
+
+    import pty
+
+    for answer, migrated in ((b"n\n", False), (b"y\n", True)):
+        leader, follower = pty.openpty()
+        try:
+            os.write(leader, answer)
+            asked = cli(None, "migrate", env=env, stdin=follower)
+        finally:
+            os.close(follower)
+            os.close(leader)
+        assert f"127.0.0.1:5432/{name}" in asked.stderr
+        assert (asked.returncode == 0) is migrated, asked.stderr
+        assert has_schema() is migrated
+        assert "Traceback" not in asked.stderr
+
+
+def test_migrate_yes_migrates_an_unnamed_database(empty_db: str) -> None:
+    result = cli(None, "migrate", "--yes", env=libpq_env(empty_db))
+    assert result.returncode == 0, result.stderr
+    assert one(empty_db, "SELECT to_regnamespace('syncworker') IS NOT NULL")
+
+
+@pytest.mark.parametrize("driver", ["+psycopg", "+psycopg2", "+asyncpg"])
+def test_sqlalchemy_style_urls_are_accepted(jobdb: str, driver: str) -> None:
+    add_job(jobdb, "ticks", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"})
+    url = jobdb.replace("postgresql://", f"postgresql{driver}://")
+    for result in [
+        cli(url, "status"),
+        cli(None, "status", env={"DATABASE_URL": url}),
+        cli(None, "--database-url", url, "status"),
+        cli(url, "migrate"),
+        cli(url, "run-once", "ticks"),
+    ]:
+        assert result.returncode == 0, result.stderr
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") == 1
+
+
+def test_database_url_before_or_after_the_command(jobdb: str) -> None:
+    add_job(jobdb, "ticks", "sql", {"statement": "select 1"})
+    unreachable = "postgresql://127.0.0.1:1/nodb"
+    for args in (["--database-url", jobdb, "status"], ["status", "--database-url", jobdb]):
+        result = cli(unreachable, *args)
+        assert result.returncode == 0 and "ticks" in result.stdout, result.stderr
+    assert cli(None, "--database-url", jobdb, "trigger", "ticks").returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["status", "--json"],
+        ["trigger", "x"],
+        ["history", "x"],
+        ["errors"],
+        ["errors", "x"],
+        ["check"],
+        ["run-once", "x"],
+        ["run-once", "x", "--dry-run"],
+        ["install-trigger", "x"],
+        ["verify", "x"],
+        ["run"],
+    ],
+)
+def test_every_command_on_an_unmigrated_database_says_to_migrate(empty_db: str, args: list[str]) -> None:
+    name = urlsplit(empty_db).path.lstrip("/")
+    assert_one_line_error(
+        cli(empty_db, *args),
+        f"syncworker: error: no syncworker schema in 127.0.0.1:5432/{name} (from SYNCWORKER_DATABASE_URL):"
+        " run `syncworker migrate` first",
+    )
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def _status_jobs(url: str) -> None:
+    later = "now() + interval '1 hour'"
+    for name, columns, when in [
+        ("alpha", {"last_status": "success"}, later),
+        ("bravo", {}, later),
+        ("charlie", {"enabled": False}, "now() + interval '9 minutes'"),
+        ("delta", {"last_status": "failed", "retry_count": 1}, later),
+        ("echo", {"last_status": "success"}, "now() - interval '1 hour'"),
+        ("foxtrot", {"last_status": "partial"}, later),
+    ]:
+        add_job(url, name, "sql", {"statement": "select 1"}, interval_seconds=600, **columns)
+        execute(url, f"UPDATE syncworker.integrations SET next_sync_at = {when} WHERE name = %s", [name])
+
+
+WORST_FIRST = [
+    ("charlie", "disabled"),
+    ("delta", "failing"),
+    ("echo", "late"),
+    ("foxtrot", "degraded"),
+    ("bravo", "pending"),
+    ("alpha", "ok"),
+]
+
+
+def test_status_puts_the_worst_first_and_no_next_run_on_disabled_jobs(jobdb: str) -> None:
+    _status_jobs(jobdb)
+    result = cli(jobdb, "status")
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert [tuple(line.split()[::2][:2]) for line in lines] == WORST_FIRST
+    start = header.index("NEXT RUN")
+    end = header.index("RETRIES")
+    next_runs = {line.split()[0]: line[start:end].strip() for line in lines}
+    assert next_runs["charlie"] == "-"
+    assert next_runs["echo"] == "due now" and next_runs["alpha"].startswith("in ")
+
+
+def test_status_json_has_numbers_and_iso_times(jobdb: str) -> None:
+    import json
+    from datetime import datetime
+
+    _status_jobs(jobdb)
+    add_job(jobdb, "ran", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"})
+    asyncio.run(run_once(jobdb, "ran"))
+    result = cli(jobdb, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["name"], r["health"]) for r in rows] == [*WORST_FIRST[:5], ("alpha", "ok"), ("ran", "ok")]
+    ran = rows[-1]
+    for key in ("success_rate_24h", "mean_duration_ms_24h", "runs_24h", "retry_count", "unresolved_errors"):
+        assert isinstance(ran[key], int | float) and not isinstance(ran[key], bool), (key, ran[key])
+    assert ran["success_rate_24h"] == 1 and ran["runs_24h"] == 1
+    assert datetime.fromisoformat(ran["last_sync_at"]).tzinfo is not None
+    assert rows[0]["success_rate_24h"] is None

@@ -2,8 +2,8 @@
 SELECT i.name,
        count(*) AS runs,
        round(avg(r.duration_ms)) AS mean_ms,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY r.duration_ms) AS p50_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY r.duration_ms) AS p95_ms,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY r.duration_ms)::numeric) AS p50_ms,
+       round(percentile_cont(0.95) WITHIN GROUP (ORDER BY r.duration_ms)::numeric) AS p95_ms,
        max(r.duration_ms) AS max_ms,
        round(100.0 * count(*) FILTER (WHERE r.status = 'success') / count(*), 1) AS success_pct
   FROM syncworker.sync_runs r

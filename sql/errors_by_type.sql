@@ -7,7 +7,9 @@ SELECT i.name, e.error_type, count(*) AS errors, max(e.created_at) AS latest,
  GROUP BY i.name, e.error_type
  ORDER BY errors DESC;
 
--- Mark a job's errors as dealt with (they are then pruned after the retention period):
-UPDATE syncworker.sync_errors SET resolved = true
- WHERE NOT resolved
-   AND integration_id = (SELECT id FROM syncworker.integrations WHERE name = 'nightly-orders');
+-- Mark a job's errors as dealt with (they are then pruned after the retention period).
+-- This file only reads: to write, copy the statement below, uncomment it, put in the job's
+-- name and run it yourself.
+-- UPDATE syncworker.sync_errors SET resolved = true
+--  WHERE NOT resolved
+--    AND integration_id = (SELECT id FROM syncworker.integrations WHERE name = 'nightly-orders');

@@ -16,8 +16,9 @@ SELECT host, requests, last_request_at,
  ORDER BY last_request_at DESC;
 
 -- Close a breaker by hand (the upstream is fixed and you do not want to wait for the
--- cool-down): the next request goes out at once.
-UPDATE syncworker.circuit_breakers
-   SET state = 'closed', consecutive_failures = 0, opened_at = NULL, trial_started_at = NULL,
-       updated_at = now()
- WHERE host = 'api.example.com';
+-- cool-down): the next request goes out at once. This file only reads: to write, copy the
+-- statement below, uncomment it, put in the host and run it yourself.
+-- UPDATE syncworker.circuit_breakers
+--    SET state = 'closed', consecutive_failures = 0, opened_at = NULL, trial_started_at = NULL,
+--        updated_at = now()
+--  WHERE host = 'api.example.com';

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
@@ -16,6 +17,7 @@ from psycopg.rows import dict_row
 
 from worker import __version__, db
 from worker.connectors.base import ConfigError
+from worker.migrate import SchemaMismatch
 from worker.queries import Q
 from worker.settings import SETTINGS, Settings, SettingsError
 
@@ -36,6 +38,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+_ENV_FILE_HELP = (
+    "read VAR=value lines from PATH as systemd's EnvironmentFile= does (quotes, comments, no "
+    "expansion); they replace variables of the same name, flags still win"
+)
 _DATABASE_URL_HELP = (
     "PostgreSQL URL (postgresql://..., postgresql+psycopg://... or key=value); default: "
     "SYNCWORKER_DATABASE_URL, else DATABASE_URL, else libpq's PG* variables"
@@ -47,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     # default so that it does not overwrite one given before the command.
     common = _Parser(add_help=False)
     common.add_argument("--database-url", metavar="URL", default=argparse.SUPPRESS, help=_DATABASE_URL_HELP)
+    common.add_argument("--env-file", metavar="PATH", default=argparse.SUPPRESS, help=_ENV_FILE_HELP)
     parser = _Parser(prog="syncworker", description="Run data sync jobs defined as rows in Postgres.")
     parser.add_argument("--version", action="version", version=f"syncworker {__version__}")
     parser.add_argument("--database-url", metavar="URL", default=None, help=_DATABASE_URL_HELP)
+    parser.add_argument("--env-file", metavar="PATH", default=None, help=_ENV_FILE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     migrate = sub.add_parser("migrate", parents=[common], help="create or upgrade the syncworker schema")
@@ -58,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-y",
         action="store_true",
         help="migrate even a database chosen by libpq's defaults rather than named, without asking",
+    )
+    migrate.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 0 if the schema is at this version's newest revision, "
+        f"else {SchemaMismatch.exit_code} with one line saying what to do",
     )
 
     run = sub.add_parser("run", parents=[common], help="run the worker daemon")
@@ -118,6 +132,8 @@ def _positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.env_file is not None:
+        _load_env_file(args.env_file)
     if args.database_url is not None and not args.database_url.strip():
         _fail("--database-url is empty")
     target = db.choose_database(args.database_url)
@@ -128,15 +144,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
     except CliError as exc:
         _fail(str(exc) if exc.names_database else f"{exc}; database {target.describe()}")
+    except SchemaMismatch as exc:
+        _fail(str(exc), exc.exit_code)
     except psycopg.Error as exc:
         _fail(db.database_error(exc, target))
     except KeyboardInterrupt:
         return 130
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, status: int = 1) -> NoReturn:
     print(f"syncworker: error: {' '.join(message.split())}", file=sys.stderr)
-    raise SystemExit(1)
+    raise SystemExit(status)
+
+
+def _load_env_file(path: str) -> None:
+    """--env-file: its variables replace the process's own (as the unit's environment would)."""
+    from worker.envfile import EnvFileError, load
+
+    try:
+        loaded = load(path)
+    except EnvFileError as exc:
+        _fail(str(exc))
+    for warning in loaded.warnings:
+        print(f"syncworker: warning: {warning}", file=sys.stderr)
+    os.environ.update(loaded.values)
 
 
 def _connect(target: db.Target, *, schema: bool = True) -> psycopg.Connection[dict[str, Any]]:
@@ -145,14 +176,14 @@ def _connect(target: db.Target, *, schema: bool = True) -> psycopg.Connection[di
         target.url, autocommit=True, row_factory=dict_row, **db.connect_kwargs("syncworker cli")
     )
     if schema:
+        from worker.migrate import require_head
+
         try:
-            row = conn.execute(Q["schema_version"]).fetchone()
+            # SchemaMismatch unless the schema is at the revision this code knows.
+            require_head(conn, target.describe(), missing=db.no_schema(target))
         except BaseException:
             conn.close()
             raise
-        if not row or not row["has_schema"]:
-            conn.close()
-            raise CliError(db.no_schema(target), names_database=True)
     return conn
 
 
@@ -173,14 +204,19 @@ def cmd_migrate(args: argparse.Namespace, target: db.Target) -> int:
     from alembic.util import CommandError
     from sqlalchemy.exc import DBAPIError
 
-    from worker.migrate import head_revision, upgrade
+    from worker.migrate import head_revision, require_head, upgrade
 
+    if args.check:
+        with _connect(target, schema=False) as conn:
+            found = require_head(conn, target.describe(), missing=db.no_schema(target))
+        print(found.describe(target.describe()))
+        return 0
     # a clear "cannot connect" before alembic's longer traceback-shaped errors
     _connect(target, schema=False).close()
     if not target.explicit and not args.yes:
         _confirm_migrate(target)
     try:
-        upgrade(target.url)
+        upgrade(target.url, where=target.describe())
     except DBAPIError as exc:
         if isinstance(exc.orig, psycopg.Error):
             raise exc.orig from None

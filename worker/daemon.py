@@ -277,10 +277,13 @@ class Worker:
             )
         except psycopg.OperationalError as exc:
             raise StartupError(f"cannot connect to {target}: {db.connection_problem(exc)}") from None
-        row = await (await conn.execute(Q["schema_version"])).fetchone()
-        await conn.close()
-        if not row or not row[0]:
-            raise StartupError(f"no syncworker schema in {target}: run `syncworker migrate` first")
+        from worker.migrate import require_head_async
+
+        try:
+            # SchemaMismatch (exit status 78) unless the schema is at the revision this code knows.
+            await require_head_async(conn, target)
+        finally:
+            await conn.close()
         return await self.listener.connect_once()
 
     async def _watchdog(self, interval: float) -> None:

@@ -26,6 +26,8 @@ FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
     ("month", 1, 12, MONTHS),
     ("day-of-week", 0, 7, DAYS),
 )
+# The most days each month can have (February: in leap years).
+MONTH_DAYS = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
 # A schedule that matches nothing within this many days never matches ("0 0 30 2 *").
 SEARCH_DAYS = 366 * 5
 
@@ -66,14 +68,22 @@ def parse(expr: str) -> CronSpec:
         )
     values = [_field(expr, raw, *spec) for raw, spec in zip(fields, FIELDS, strict=True)]
     dows = frozenset(0 if d == 7 else d for d in values[4])
+    dom_restricted = not fields[2].startswith("*")
+    dow_restricted = not fields[4].startswith("*")
+    # Either day field may match when both are restricted; otherwise the day of month
+    # must exist in one of the months (February has a 29th in leap years).
+    if not (dom_restricted and dow_restricted) and not any(
+        day <= MONTH_DAYS[month] for month in values[3] for day in values[2]
+    ):
+        raise CronError(f'cron "{expr}" never fires: none of its months has the day of month it asks for')
     return CronSpec(
         minutes=frozenset(values[0]),
         hours=frozenset(values[1]),
         days_of_month=frozenset(values[2]),
         months=frozenset(values[3]),
         days_of_week=dows,
-        dom_restricted=not fields[2].startswith("*"),
-        dow_restricted=not fields[4].startswith("*"),
+        dom_restricted=dom_restricted,
+        dow_restricted=dow_restricted,
     )
 
 

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import psycopg
@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from worker import db
 from worker.alarm import Alarm
 from worker.listener import Listener
-from worker.maintenance import Census, Heartbeat, LeaderDuties, Leadership, Pruner, Rescuer
+from worker.maintenance import Census, Heartbeat, Leadership, PruneLoop, Pruner, RescueLoop, Rescuer
 from worker.queries import Q
 from worker.realtime import Realtime
 from worker.retry import Backoff
@@ -35,14 +35,25 @@ MIN_RECHECK = 0.01
 MAX_RECHECK = 2.0
 
 
-async def _bookkeeping_session(conn: AsyncConnection[TupleRow]) -> None:
-    # Claims, heartbeats and lock bookkeeping need not wait for a WAL flush: if the
-    # server crashes before flushing them, the rescuer hands the jobs back anyway.
-    # A run's final commit turns synchronous_commit back on for itself (finish_run).
-    await conn.execute("SET synchronous_commit = off")
-    # This worker wakes the leader itself when it starts running (Census): its claims
-    # need not NOTIFY one by one.
-    await conn.execute("SET syncworker.announces_runs = on")
+# Claims, heartbeats and lock bookkeeping need not wait for a WAL flush: if the server
+# crashes before flushing them, the rescuer hands the jobs back anyway.  A run's final
+# commit turns synchronous_commit back on for itself (finish_run).  This worker wakes the
+# leader itself when it starts running (Census): its claims need not NOTIFY one by one.
+BOOKKEEPING = {"synchronous_commit": "off", "syncworker.announces_runs": "on"}
+
+
+async def _clean_session(conn: AsyncConnection[TupleRow]) -> None:
+    """A run session going back to the pool: nothing a job did to it may outlive the job.
+
+    Jobs run their own statements on it (`SET ROLE`, `SET statement_timeout`, ...): RESET
+    returns to the startup options.  An integration lock still held here belongs to no run
+    any more: released, and said, because it points at a bug.
+    """
+    cur = await conn.execute(Q["release_stray_locks"], {"keep": None})
+    row = await cur.fetchone()
+    if row is not None and row[0]:
+        log.warning("a run session went back to the pool holding %s integration lock(s): released", row[0])
+    await conn.execute(b"RESET ALL; RESET ROLE")
 
 
 class StartupError(Exception):
@@ -60,19 +71,13 @@ class Worker:
         self.unclaimable = Backoff(initial=MIN_RECHECK, maximum=MAX_RECHECK)
         self.notifier = Notifier()
         self.leadership = Leadership(self.url, self._on_leadership)
-        self.duties: LeaderDuties | None = None
         self._leader_tasks: list[asyncio.Task[None]] = []
         self._services: list[asyncio.Task[None]] = []
-        self._failed: BaseException | None = None
+        self.realtime: Realtime | None = None
         self.heartbeat: Heartbeat | None = None
+        # Session options name the worker once it is registered (`_start`).
         self.pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
-            self.url,
-            min_size=1,
-            max_size=2,
-            open=False,
-            name="control",
-            kwargs={"autocommit": True, **db.connect_kwargs()},
-            configure=_bookkeeping_session,
+            self.url, min_size=1, max_size=2, open=False, name="control"
         )
         self.run_pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
             self.url,
@@ -80,10 +85,10 @@ class Worker:
             max_size=settings.concurrency,
             open=False,
             name="runs",
-            kwargs={"autocommit": True, **db.connect_kwargs("syncworker run")},
-            configure=_bookkeeping_session,
+            reset=_clean_session,
         )
         self.census = Census(self._announce_runs)
+        self.rescue = RescueLoop(Rescuer(self.pool), settings.rescue_interval)
         self._announcing: set[asyncio.Task[None]] = set()
         self.runner = Runner(self.run_pool, self.pool, max_backoff=settings.max_backoff, census=self.census)
         self.listener = Listener(
@@ -92,6 +97,7 @@ class Worker:
             mode=settings.mode,
             concurrency=settings.concurrency,
             on_runs_started=self._on_runs_started,
+            on_realtime_jobs=self._on_realtime_jobs,
         )
 
     # -- the main loop ---------------------------------------------------------------
@@ -143,9 +149,13 @@ class Worker:
     async def _claim(self, conn: AsyncConnection[TupleRow], limit: int) -> int:
         """Claim up to `limit` due jobs and start a run for each; returns how many."""
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(Q["claim"], {"limit": limit, "lock": False, "worker_id": self.listener.worker_id})
+        announce = self.census.quiet()
+        await cur.execute(
+            Q["claim"],
+            {"limit": limit, "lock": False, "worker_id": self.listener.worker_id, "announce": announce},
+        )
         jobs = [Job.from_row(row) for row in await cur.fetchall()]
-        self.census.claimed([job.run_id for job in jobs])
+        self.census.claimed([job.run_id for job in jobs], announced=announce)
         if jobs:
             self.unclaimable.reset()
         for job in jobs:
@@ -176,15 +186,19 @@ class Worker:
     def _run_done(self, task: asyncio.Task[Any]) -> None:
         self.active.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("run task crashed", exc_info=task.exception())
+            # The runner turns every failure into the run's own result; this is a last resort.
+            log.error("%s: the runner failed", task.get_name(), exc_info=task.exception())
         if self.more_due and not self.stopping:
             self.alarm.ring_now()
 
     # -- events from the services -------------------------------------------------------
 
     def _on_runs_started(self) -> None:
-        if self.duties is not None:
-            self.duties.runs_started.set()
+        self.rescue.runs_started.set()
+
+    def _on_realtime_jobs(self) -> None:
+        if self.realtime is not None:
+            self.realtime.reload_soon()
 
     def _announce_runs(self) -> None:
         """This worker started running while none of its runs ran: wake the leader."""
@@ -206,57 +220,72 @@ class Worker:
 
     def _on_leadership(self, leader: bool) -> None:
         if leader and not self.stopping:
-            self.duties = LeaderDuties(
-                Rescuer(self.pool),
-                Pruner(self.pool, self.settings.retention_days),
-                self.settings.rescue_interval,
-            )
+            pruning = PruneLoop(Pruner(self.pool, self.settings.retention_days))
+            self.realtime = Realtime(self.pool)
             self._leader_tasks = [
-                self._service(self.duties.run(), "leader duties"),
-                self._service(Realtime(self.pool).run(), "realtime sources"),
+                self._service(pruning.run, "pruner"),
+                self._service(self.realtime.run, "realtime sources"),
             ]
         elif not leader:
             for task in self._leader_tasks:
                 task.cancel()
-            self._leader_tasks, self.duties = [], None
+            self._leader_tasks, self.realtime = [], None
         if self.heartbeat is not None:
             self.heartbeat.beat_soon()
         self.alarm.ring_now()
 
-    def _service(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """Start a background service; if one dies of a bug, the whole worker stops."""
-        task = asyncio.create_task(coro, name=name)
+    def _service(self, run: Callable[[], Coroutine[Any, Any, None]], name: str) -> asyncio.Task[None]:
+        """Start a background service and keep it running: a service that fails (a bug, a row
+        nobody expected) is logged and started again with backoff; the worker goes on."""
+
+        async def supervise() -> None:
+            backoff = Backoff(initial=0.5, maximum=30.0)
+            while True:
+                try:
+                    await run()
+                    return
+                except Exception:
+                    delay = backoff.next()
+                    log.exception("service %s failed; starting it again in %.1fs", name, delay)
+                    await asyncio.sleep(delay)
+
+        task = asyncio.create_task(supervise(), name=name)
         self._services.append(task)
-
-        def check(t: asyncio.Task[None]) -> None:
-            if not t.cancelled() and t.exception() is not None and not self.stopping:
-                log.critical("service %s crashed; stopping the worker", name, exc_info=t.exception())
-                self._failed = t.exception()
-                self.request_stop()
-
-        task.add_done_callback(check)
         return task
 
     # -- start and stop ---------------------------------------------------------------
 
     async def _start(self) -> None:
         first = await self._connect_first()
+        worker_id = self.listener.worker_id
+        assert worker_id is not None
+        # Every session names its worker, so that a replica found lost can be cut off.
+        self.pool.kwargs = {
+            "autocommit": True,
+            **db.session_kwargs(self.url, f"syncworker w{worker_id}", **BOOKKEEPING),
+        }
+        self.run_pool.kwargs = {
+            "autocommit": True,
+            **db.session_kwargs(self.url, f"syncworker run w{worker_id}", **BOOKKEEPING),
+        }
+        self.leadership.application_name = f"syncworker leader w{worker_id}"
         await self.pool.open()
         await self.run_pool.open()
-        self._service(self.listener.run(first), "listener")
-        assert self.listener.worker_id is not None
+        listener_first: list[Any] = [first]
+        self._service(lambda: self.listener.run(listener_first.pop() if listener_first else None), "listener")
         self.heartbeat = Heartbeat(
             self.pool,
-            self.listener.worker_id,
+            worker_id,
             self.settings.heartbeat_interval,
             running=lambda: len(self.active),
             leader=lambda: self.leadership.is_leader,
         )
-        self._service(self.heartbeat.run(), "heartbeat")
-        self._service(self.leadership.run(), "leadership")
+        self._service(self.heartbeat.run, "heartbeat")
+        self._service(self.leadership.run, "leadership")
+        self._service(self.rescue.run, "rescuer")
         interval = watchdog_interval()
         if interval:
-            self._service(self._watchdog(interval), "watchdog")
+            self._service(lambda: self._watchdog(interval), "watchdog")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -331,4 +360,4 @@ class Worker:
         await self.pool.close()
         self.notifier.close()
         log.info("worker %s stopped", self.listener.worker_id)
-        return 1 if self._failed is not None else 0
+        return 0

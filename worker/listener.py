@@ -37,18 +37,20 @@ class Listener:
         mode: str,
         concurrency: int,
         on_runs_started: Callable[[], None],
+        on_realtime_jobs: Callable[[], None] = lambda: None,
     ) -> None:
         self.url = url
         self.alarm = alarm
         self.mode = mode
         self.concurrency = concurrency
         self.on_runs_started = on_runs_started
+        self.on_realtime_jobs = on_realtime_jobs
         self.worker_id: int | None = None
         self.connected = asyncio.Event()
 
     async def connect_once(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         conn = await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, **db.connect_kwargs("syncworker listener")
+            self.url, autocommit=True, **db.session_kwargs(self.url, "syncworker listener")
         )
         try:
             if self.worker_id is None:
@@ -108,3 +110,5 @@ class Listener:
             self.alarm.ring_in(float(due_in))
         if message.get("runs_started"):
             self.on_runs_started()
+        if message.get("realtime_jobs"):
+            self.on_realtime_jobs()

@@ -1,4 +1,5 @@
-"""Background services: heartbeat, leader election, and the leader's rescuer and pruner.
+"""Background services: heartbeat, leader election, the rescuer (every replica) and the
+leader's pruner.
 
 Each service has a `run_once()` that does one round and returns what it did,
 so tests can drive it directly; `run()` loops it.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +29,11 @@ Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
 # "runs started" NOTIFY was missed while the leader was reconnecting.
 IDLE_RESCUE_INTERVAL = 300.0
 PRUNE_INTERVAL = 3600.0
+# The leader's session sleeps LEADER_SLEEP seconds per statement; idle longer than
+# LEADER_IDLE_TIMEOUT between two of them, the server ends it: a frozen leader is replaced
+# within about LEADER_SLEEP + LEADER_IDLE_TIMEOUT seconds.
+LEADER_SLEEP = 6.0
+LEADER_IDLE_TIMEOUT = 3.0
 PRUNE_BATCH = 5000
 
 
@@ -76,13 +81,17 @@ class Leadership:
     """Holds the leader lock on a session of its own.
 
     Standbys block in pg_advisory_lock, so a dead leader is replaced the moment
-    Postgres closes its session: no polling, no lease to expire.
+    Postgres closes its session: no polling, no lease to expire.  A leader that is
+    alive but frozen (a paused VM, a stuck extension) is replaced too: its session
+    sleeps in short statements, and the server ends it once it sits idle between
+    them for longer than `LEADER_IDLE_TIMEOUT` (idle_session_timeout).
     """
 
     def __init__(self, url: str, on_change: Callable[[bool], None]) -> None:
         self.url = url
         self.on_change = on_change
         self.is_leader = False
+        self.application_name = "syncworker leader"
 
     def _set(self, leader: bool) -> None:
         if leader != self.is_leader:
@@ -95,15 +104,17 @@ class Leadership:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.url, autocommit=True, **db.connect_kwargs("syncworker leader")
+                    self.url,
+                    autocommit=True,
+                    **db.session_kwargs(
+                        self.url, self.application_name, idle_session_timeout=f"{LEADER_IDLE_TIMEOUT:g}s"
+                    ),
                 ) as conn:
                     await conn.execute(Q["wait_for_leadership"])
                     backoff.reset()
-                    # Something to wait on that fails as soon as the session does.
-                    await conn.execute("LISTEN syncworker_leader")
                     self._set(True)
-                    async for _ in conn.notifies():
-                        pass
+                    while True:  # fails as soon as the session does
+                        await conn.execute(Q["stay_leader"], {"seconds": LEADER_SLEEP})
             except psycopg.OperationalError as exc:
                 self._set(False)
                 delay = backoff.next()
@@ -196,9 +207,14 @@ class Census:
         self.announce = announce
         self._runs: set[int] = set()
 
-    def claimed(self, run_ids: list[int], *, replacing: bool = False) -> None:
-        """Runs whose claim has just been committed."""
-        if run_ids and not self._runs and not replacing:
+    def quiet(self) -> bool:
+        """No run of this worker is certainly running: its next claim must wake the rescuers
+        (the claim statement sends that NOTIFY itself, so that it commits with the claim)."""
+        return not self._runs
+
+    def claimed(self, run_ids: list[int], *, replacing: bool = False, announced: bool = False) -> None:
+        """Runs whose claim has just been committed (`announced`: by a claim that woke the rescuers)."""
+        if run_ids and not self._runs and not replacing and not announced:
             self.announce()
         self._runs.update(run_ids)
 
@@ -210,29 +226,25 @@ class Census:
         return len(self._runs)
 
 
-class LeaderDuties:
-    """What only the leader does: rescue often while runs exist, prune hourly."""
+class RescueLoop:
+    """Every replica rescues, so that rescue never waits on one process being healthy: often
+    while runs exist anywhere, and otherwise only when woken (`runs_started`)."""
 
-    def __init__(self, rescuer: Rescuer, pruner: Pruner, rescue_interval: float) -> None:
+    def __init__(self, rescuer: Rescuer, rescue_interval: float) -> None:
         self.rescuer = rescuer
-        self.pruner = pruner
         self.rescue_interval = rescue_interval
         self.runs_started = asyncio.Event()
 
     async def run(self) -> None:
         backoff = Backoff(initial=0.5, maximum=10.0)
-        last_prune = -PRUNE_INTERVAL
         while True:
             try:
                 self.runs_started.clear()
                 report = await self.rescuer.run_once()
-                if time.monotonic() - last_prune >= PRUNE_INTERVAL:
-                    await self.pruner.run_once()
-                    last_prune = time.monotonic()
                 backoff.reset()
             except psycopg.OperationalError as exc:
                 delay = backoff.next()
-                log.warning("maintenance failed (%s); retrying in %.1fs", exc, delay)
+                log.warning("rescue failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             if report.running:
@@ -245,3 +257,23 @@ class LeaderDuties:
                     pass
                 # Give a just-started run a moment to take its lock before looking.
                 await asyncio.sleep(self.rescue_interval)
+
+
+class PruneLoop:
+    """The leader prunes old history hourly."""
+
+    def __init__(self, pruner: Pruner) -> None:
+        self.pruner = pruner
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=0.5, maximum=60.0)
+        while True:
+            try:
+                await self.pruner.run_once()
+                backoff.reset()
+            except psycopg.OperationalError as exc:
+                delay = backoff.next()
+                log.warning("pruning failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            await asyncio.sleep(PRUNE_INTERVAL)

@@ -12,6 +12,7 @@ from worker import db
 from worker.connectors.base import ConfigError, RunResult
 from worker.queries import Q
 from worker.runner import Job, Runner, classify
+from worker.validate import problems
 
 
 class OneShotError(Exception):
@@ -27,7 +28,14 @@ class OneShot:
     failed_records: int = 0
 
 
-async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
+async def run_once(url: str, name: str, *, dry_run: bool = False, local_check: bool = True) -> OneShot:
+    """One run of `name` now, recorded like any other (a dry run records nothing).
+
+    With `local_check` (the command line), a job this process cannot run for reasons of its
+    own environment (a module not on its path, a secret it cannot read) is not run at all:
+    OneShotError, and the job is left as it is.  Without it, such a job fails and is
+    disabled as it would on a worker whose environment lacks them.
+    """
     runner = Runner(None, None)
     async with await psycopg.AsyncConnection.connect(
         url, autocommit=True, **db.connect_kwargs("syncworker run-once")
@@ -37,6 +45,14 @@ async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
         row = await cur.fetchone()
         if row is None:
             raise OneShotError(f'no integration named "{name}"')
+        # A module or secret this shell lacks says nothing of the job: never record it as
+        # the job's failure (the worker, whose environment it is, may run it fine).
+        problem = problems(row, resolve_secrets=True) if local_check else None
+        if problem is not None and problem.local:
+            raise OneShotError(
+                f"{name}: this shell cannot run it ({problem.message}); the job was left as it is. "
+                f"Run it where the worker runs, or ask a worker: syncworker trigger {name}"
+            )
         if dry_run:
             job = Job.from_row(
                 {
@@ -56,8 +72,7 @@ async def run_once(url: str, name: str, *, dry_run: bool = False) -> OneShot:
                 # an unset secret, an open circuit breaker, an unreachable source: one line
                 failure = classify(exc, timed_out=isinstance(exc, TimeoutError))
                 message = failure.message.removeprefix(f"{type(exc).__name__}: ")
-                problem = f"{failure.error_type}: {message}"
-                raise OneShotError(f"dry run of {name} failed: {problem}") from None
+                raise OneShotError(f"dry run of {name} failed: {failure.error_type}: {message}") from None
             state = ctx.state if result.state is None else result.state
             return OneShot(None, None, result, state, ctx.failed_records)
         await cur.execute(Q["try_lock_integration"], {"integration_id": row["id"]})

@@ -12,7 +12,12 @@ RETURNING id;
 SELECT pg_advisory_lock(syncworker.lock_key('worker'), %(worker_id)s);
 
 -- name: heartbeat
--- Periodic proof of life, with what the replica is doing.
+-- Periodic proof of life, with what the replica is doing.  A leader also clears the flag of
+-- any other replica that still claims to lead (a frozen one that lost its session).
+WITH others AS (
+  UPDATE syncworker.workers SET leader = false
+   WHERE %(leader)s AND leader AND id <> %(worker_id)s
+)
 UPDATE syncworker.workers
    SET heartbeat_at = now(), running = %(running)s, leader = %(leader)s, stopped_at = NULL
  WHERE id = %(worker_id)s;
@@ -26,11 +31,18 @@ UPDATE syncworker.workers SET stopped_at = now(), leader = false, running = 0
 -- Blocks until this session is the leader; returns at once when no one else is.
 SELECT pg_advisory_lock(syncworker.lock_key('leader'), 0);
 
+-- name: stay_leader
+-- The leader's proof of life: its session sleeps in short statements, and the server ends a
+-- session left idle between them (idle_session_timeout), so a frozen leader is replaced.
+SELECT pg_sleep(%(seconds)s);
+
 -- name: claim
 -- Take up to %(limit)s due jobs and open a run for each, in one statement.  With %(lock)s
 -- (a run session claiming its own next job) it also takes each job's integration lock
 -- and sets locked_at: that session runs it.  It may run inside a finishing run's
 -- transaction, so it reads the clock itself rather than now() (the transaction's start).
+-- With %(announce)s (the worker has no other run going) it wakes every replica's rescuer
+-- with a NOTIFY that is delivered if and only if the claim commits.
 WITH due AS MATERIALIZED (
   SELECT id, retry_count, pending_trigger, coalesce(scheduled_sync_at, next_sync_at) AS slot
     FROM syncworker.integrations
@@ -47,10 +59,13 @@ WITH due AS MATERIALIZED (
     FROM due, LATERAL (SELECT CASE WHEN %(lock)s THEN
                          pg_advisory_lock(syncworker.lock_key('integration'), due.id::integer) END) AS l
   RETURNING id, integration_id, trigger, attempt, scheduled_for, locked_at
+), announced AS (
+  SELECT count(pg_notify('syncworker', '{"runs_started": true}')) AS n
+   WHERE %(announce)s AND EXISTS (SELECT 1 FROM runs)
 )
 UPDATE syncworker.integrations i
    SET running_run_id = runs.id, pending_trigger = NULL, scheduled_sync_at = NULL
-  FROM runs
+  FROM runs, announced
  WHERE i.id = runs.integration_id
 RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i.timezone,
           i.max_retries, i.retry_backoff_seconds, i.timeout_seconds, i.retry_count,
@@ -141,12 +156,32 @@ SELECT syncworker.abandon_run(%(run_id)s, %(reason)s) AS integration_id;
 SELECT pg_notify('syncworker', '{"runs_started": true}');
 
 -- name: rescue_abandoned
--- Leader: abandon every running run whose session is gone; report how many still run.
--- A run not yet locked belongs to its worker's session until it is a minute old: a
--- claim whose reply never reached the worker is not left running for ever.
-WITH held AS (
-  SELECT classid::bigint AS ns, objid::bigint AS key2 FROM pg_locks
+-- Every replica, while runs exist (idempotent; any one replica is enough):
+-- * abandon every running run whose session is gone, so that its job runs again at once.  A
+--   run not yet locked belongs to its worker's session until it is a minute old: a claim
+--   whose reply never reached the worker is not left running for ever;
+-- * stop, from the database, a run well past its timeout that its worker did not stop (a
+--   frozen or partitioned worker): its session is terminated and the run abandoned;
+-- * note live-looking replicas whose liveness lock is gone (lost_at); one lost for 10 s is
+--   marked stopped and its sessions are terminated, releasing whatever they hold.
+-- Advisory locks are per database: only this database's count.
+WITH held AS MATERIALIZED (
+  SELECT classid::bigint AS ns, objid::bigint AS key2, pid FROM pg_locks
    WHERE locktype = 'advisory' AND granted AND objsubid = 2
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+), overdue AS MATERIALIZED (
+  SELECT r.id, h.pid, i.timeout_seconds FROM syncworker.sync_runs r
+    JOIN syncworker.integrations i ON i.id = r.integration_id
+    JOIN held h ON h.ns = syncworker.lock_key('integration') AND h.key2 = r.integration_id
+   WHERE r.status = 'running' AND r.locked_at IS NOT NULL
+     AND r.locked_at < clock_timestamp()
+                       - make_interval(secs => i.timeout_seconds + greatest(5, i.timeout_seconds / 10.0))
+), stopped AS (
+  SELECT syncworker.abandon_run(id, format('the run passed its timeout (%%s s) and its worker did not '
+                                           'stop it; its database session was terminated', timeout_seconds))
+           AS integration_id,
+         syncworker.terminate_session(pid)
+    FROM overdue
 ), dead AS (
   SELECT r.id FROM syncworker.sync_runs r
    WHERE r.status = 'running'
@@ -160,15 +195,57 @@ WITH held AS (
   SELECT syncworker.abandon_run(id, 'the worker running it died or lost its database session')
          AS integration_id
     FROM dead
-), gone_workers AS (
-  UPDATE syncworker.workers w SET stopped_at = now(), leader = false, running = 0
-   WHERE w.stopped_at IS NULL AND w.heartbeat_at < now() - interval '10 seconds'
-     AND NOT EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('worker') AND key2 = w.id)
-  RETURNING w.id
+), liveness AS (
+  SELECT w.id, w.lost_at,
+         EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('worker') AND key2 = w.id) AS alive
+    FROM syncworker.workers w
+   WHERE w.stopped_at IS NULL
+), marked AS (
+  UPDATE syncworker.workers w
+     SET lost_at = CASE WHEN l.alive THEN NULL ELSE coalesce(w.lost_at, now()) END,
+         stopped_at = CASE WHEN NOT l.alive AND w.lost_at < now() - interval '10 seconds' THEN now() END,
+         leader = w.leader AND (l.alive OR w.lost_at IS NULL OR w.lost_at >= now() - interval '10 seconds'),
+         running = CASE WHEN NOT l.alive AND w.lost_at < now() - interval '10 seconds' THEN 0
+                        ELSE w.running END
+    FROM liveness l
+   WHERE w.id = l.id AND (NOT l.alive OR l.lost_at IS NOT NULL)
+  RETURNING w.id, w.stopped_at IS NOT NULL AS gone
+), cut_off AS (
+  SELECT syncworker.terminate_session(a.pid) FROM pg_stat_activity a JOIN marked m ON m.gone
+   WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+     AND a.application_name LIKE 'syncworker%% w' || m.id
 )
-SELECT (SELECT count(*) FROM rescued WHERE integration_id IS NOT NULL) AS rescued,
-       (SELECT count(*) FROM gone_workers) AS workers_gone,
+SELECT (SELECT count(*) FROM rescued WHERE integration_id IS NOT NULL)
+       + (SELECT count(*) FROM stopped WHERE integration_id IS NOT NULL) AS rescued,
+       (SELECT count(*) FROM marked WHERE gone) + 0 * (SELECT count(*) FROM cut_off) AS workers_gone,
        (SELECT count(*) FROM syncworker.sync_runs WHERE status = 'running') AS running;
+
+-- name: release_stray_locks
+-- Integration locks this session holds besides its run's own (%(keep)s, or none), released.
+-- A session-level advisory lock outlives the rollback of the transaction that took it: a
+-- finishing transaction that fails after claiming the next job would otherwise keep that
+-- job's lock, and a pooled session could carry it for an hour.
+SELECT count(*) FILTER (WHERE pg_advisory_unlock(syncworker.lock_key('integration'), objid::bigint::integer))
+  FROM pg_locks
+ WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND pid = pg_backend_pid()
+   AND classid = syncworker.lock_key('integration')::oid
+   AND objid::bigint IS DISTINCT FROM %(keep)s::bigint;
+
+-- name: disable_invalid
+-- A job whose config a service cannot use: disabled with the reason, recorded, alerted.
+WITH job AS (
+  UPDATE syncworker.integrations
+     SET enabled = false, disabled_reason = %(reason)s, last_error = %(reason)s
+   WHERE id = %(integration_id)s AND enabled
+  RETURNING id, name
+), recorded AS (
+  INSERT INTO syncworker.sync_errors (integration_id, error_type, message)
+  SELECT id, 'config_invalid', %(reason)s FROM job
+)
+SELECT pg_notify('syncworker_alerts', json_build_object(
+         'integration', left(name, 200), 'integration_id', id, 'run_id', NULL,
+         'error_type', 'config_invalid', 'reason', left(%(reason)s, 1000))::text)
+  FROM job;
 
 -- name: prune_runs
 -- Leader: delete one batch of finished runs older than the retention.

@@ -13,15 +13,17 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import TupleRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from worker import connectors, db, secrets
+from worker import connectors, db, hooks, secrets
 from worker.queries import Q
 from worker.retry import Backoff
+from worker.runner import config_problem
 
 log = logging.getLogger("syncworker.realtime")
 
 # Notifications arriving this close together become one run request.
 COALESCE_SECONDS = 0.2
-# How often the set of real-time jobs is read again (new, changed or disabled jobs).
+# The set of real-time jobs is read again when a trigger says one was added, changed,
+# enabled or disabled (NOTIFY `realtime_jobs`), and at least this often.
 RELOAD_SECONDS = 30.0
 
 Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
@@ -30,23 +32,38 @@ Sources = dict[tuple[str, str], dict[str, list[int]]]
 
 
 async def load_sources(pool: Pool) -> Sources:
-    """The real-time jobs' sources; a job with a broken config or secret is skipped (its run says why)."""
+    """The real-time jobs' sources.
+
+    No row can stop this service: a job whose config cannot be used is disabled with the
+    reason (as its run would do), and one whose secret this host cannot resolve is skipped
+    with a warning (its runs say why); every other job is still listened for.
+    """
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(Q["realtime_jobs"])
         rows = await cur.fetchall()
     found: Sources = defaultdict(lambda: defaultdict(list))
+    invalid: dict[int, str] = {}
     for row in rows:
         try:
             connector = connectors.get(row["kind"])
-            source = connector.realtime_source(connector.validate(row["config"]))
+            body, _ = hooks.split(row["config"])
+            source = connector.realtime_source(connector.validate(body))
             if source is None:
                 continue
             dsn = secrets.resolve(source.dsn, "source.dsn")
-        except (connectors.ConfigError, secrets.SecretError) as exc:
+        except secrets.SecretError as exc:
             log.warning("%s: not listening for changes: %s", row["name"], secrets.redact(str(exc)))
             continue
+        except Exception as exc:
+            invalid[row["id"]] = f"invalid configuration: {config_problem(exc)}"[:1000]
+            log.error("%s: disabled: %s", row["name"][:200], invalid[row["id"]])
+            continue
         found[(dsn, source.channel)][source.payload].append(row["id"])
+    if invalid:
+        async with pool.connection() as conn:
+            for integration_id, reason in invalid.items():
+                await conn.execute(Q["disable_invalid"], {"integration_id": integration_id, "reason": reason})
     return {key: dict(value) for key, value in found.items()}
 
 
@@ -74,7 +91,7 @@ class SourceListener:
                     self.on_change("*")
                     async for notify in conn.notifies():
                         self.on_change(notify.payload)
-            except psycopg.OperationalError as exc:
+            except Exception as exc:  # a refused login, a bad channel...: keep trying, say why
                 delay = backoff.next()
                 log.warning(
                     "lost %s (%s); listening again in %.1fs", target, db.connection_problem(exc), delay
@@ -92,6 +109,12 @@ class Realtime:
         self.listeners: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.pending: set[int] = set()
         self._flush: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[int]] = set()
+        self._reload = asyncio.Event()
+
+    def reload_soon(self) -> None:
+        """A real-time job was added or changed: read the jobs again now."""
+        self._reload.set()
 
     def changed(self, key: tuple[str, str], payload: str) -> None:
         payloads = self.sources.get(key, {})
@@ -104,7 +127,13 @@ class Realtime:
 
     def _start_flush(self) -> None:
         self._flush = None
-        asyncio.create_task(self.flush()).add_done_callback(_log_failure)
+        task = asyncio.create_task(self.flush(), name="realtime run requests")
+        self._flushing.add(task)
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[int]) -> None:
+        self._flushing.discard(task)
+        _log_failure(task)
 
     async def flush(self) -> int:
         ids, self.pending = sorted(self.pending), set()
@@ -128,11 +157,16 @@ class Realtime:
     async def run(self) -> None:
         try:
             while True:
+                self._reload.clear()
                 try:
                     await self.reload()
-                except psycopg.OperationalError as exc:
+                except Exception as exc:
                     log.warning("could not read the real-time jobs: %s", db.connection_problem(exc))
-                await asyncio.sleep(RELOAD_SECONDS)
+                try:
+                    async with asyncio.timeout(RELOAD_SECONDS):
+                        await self._reload.wait()
+                except TimeoutError:
+                    pass
         finally:
             for task in self.listeners.values():
                 task.cancel()

@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from worker import connectors, hooks, logs, schedule
 from worker.connectors.base import ConfigError, FencedError, RunContext, RunResult, SyncError
+from worker.cron import CronError
 from worker.maintenance import Census
 from worker.queries import Q
 from worker.secrets import SecretError, redact, redact_value
@@ -90,16 +91,28 @@ def classify(exc: BaseException, timed_out: bool) -> Failure:
 
 
 def alert(job: Job, failure: Failure | None, plan: schedule.Plan) -> str:
-    """The JSON payload of `NOTIFY syncworker_alerts` when a job is disabled."""
+    """The JSON payload of `NOTIFY syncworker_alerts` when a job is disabled (always well
+    under NOTIFY's 8000 bytes, whatever the name and the reason)."""
     return json.dumps(
         {
-            "integration": job.name,
+            "integration": job.name[:200],
             "integration_id": job.id,
             "run_id": job.run_id,
-            "error_type": failure and failure.error_type,
-            "reason": plan.disabled_reason,
+            "error_type": failure and failure.error_type[:100],
+            "reason": plan.disabled_reason and plan.disabled_reason[:1000],
         }
     )
+
+
+def config_problem(exc: BaseException) -> str:
+    """Why a job's row cannot be used, for `disabled_reason` (secrets masked).
+
+    ConfigError and ScheduleError name the field; anything else a connector's `validate`
+    raised is still a problem of that job's config, never of the worker.
+    """
+    if isinstance(exc, ConfigError | schedule.ScheduleError | CronError):
+        return redact(str(exc))
+    return redact(f"could not be read ({type(exc).__name__}: {exc})")[:MAX_ERROR_TEXT]
 
 
 class Runner:
@@ -145,9 +158,10 @@ class Runner:
             try:
                 await self._run_on(conn, current, following)
                 if following is not None and not following.done and more():
-                    await following.claim()
+                    announce = self.census.quiet()
+                    await following.claim(announce=announce)
                     if following.job is not None:
-                        self.census.claimed([following.job.run_id])
+                        self.census.claimed([following.job.run_id], announced=announce)
             except psycopg.OperationalError as exc:
                 # The session (and with it the lock) is gone: nothing of this run may commit.
                 log.warning("run session lost: %s", redact(str(exc)))
@@ -155,6 +169,16 @@ class Runner:
                 # A claim may have committed without its reply reaching us: its run is
                 # the rescuer's now, so make sure the leader is looking.
                 self.census.announce()
+                return
+            except _StaleSession:
+                raise  # nothing happened yet: `run` takes another session
+            except Exception as exc:
+                # Nothing should get here; if something does, it is this run's failure, never
+                # a loop: the session (and whatever it holds) is closed, and the run is
+                # finished as failed from another session, fenced on being the live run.
+                log.error("run failed inside the worker", exc_info=exc)
+                await conn.close()
+                await self._fail_elsewhere(current, classify(exc, timed_out=False))
                 return
             current = following.job if following is not None else None
 
@@ -232,15 +256,17 @@ class Runner:
             connector = connectors.get(job.kind)
             body, after_success = hooks.split(job.config)
             config = connector.validate(body)
-        except (ConfigError, schedule.ScheduleError) as exc:
-            slot = sched.next_slot(job.scheduled_for, clock.now()) if sched else None
-            plan = schedule.after_invalid_config(slot, job.retry_count, redact(str(exc)))
-            failure = Failure("config_invalid", redact(str(exc)), None)
+            period = sched.period_seconds(clock.now())
+        except Exception as exc:
+            problem = config_problem(exc)
+            slot = sched.next_slot_or_none(job.scheduled_for, clock.now()) if sched else None
+            plan = schedule.after_invalid_config(slot, job.retry_count, problem)
+            failure = Failure("config_invalid", problem, None)
             log.error("invalid configuration: %s", failure.message)
             return await self._finish(lock, job, "failed", RunResult(), plan, failure, [], following)
 
         ctx = self._context(conn, job, config)
-        ctx.period_seconds = sched.period_seconds(clock.now())
+        ctx.period_seconds = period
 
         async def checkpoint(state: dict[str, Any]) -> None:
             cur = await conn.execute(
@@ -277,24 +303,7 @@ class Runner:
             await conn.rollback()
             failure = classify(exc, timed_out=deadline.expired())
             log.error("run failed (%s): %s", failure.error_type, failure.message)
-            if failure.error_type == "config_invalid":
-                plan = schedule.after_invalid_config(
-                    sched.next_slot(job.scheduled_for, clock.now()),
-                    job.retry_count,
-                    failure.message,
-                )
-            else:
-                plan = schedule.after_failure(
-                    sched,
-                    job.scheduled_for,
-                    clock.now(),
-                    retry_count=job.retry_count,
-                    max_retries=job.max_retries,
-                    backoff_seconds=job.retry_backoff_seconds,
-                    rand=self.rand(),
-                    error=failure.message,
-                    max_backoff=self.max_backoff,
-                )
+            plan = self._plan_failure(job, sched, clock, failure)
             return await self._finish(
                 lock,
                 job,
@@ -308,7 +317,10 @@ class Runner:
             )
 
         status = "partial" if ctx.failed_records else "success"
-        plan = schedule.after_success(sched, job.scheduled_for, clock.now())
+        try:
+            plan = schedule.after_success(sched, job.scheduled_for, clock.now())
+        except CronError as exc:  # a cron that stopped firing: the data stays, the job stops
+            plan = schedule.after_invalid_config(None, 0, config_problem(exc))
         # Hooks run after the commit on this session: the next claim waits for them.
         final = await self._finish(
             lock,
@@ -324,6 +336,30 @@ class Runner:
         if after_success and final in ("success", "partial"):
             await self._after_success(conn, job, after_success)
         return final
+
+    def _plan_failure(
+        self, job: Job, sched: schedule.Schedule | None, clock: _DbClock, failure: Failure
+    ) -> schedule.Plan:
+        """What a failed run means for its job: a retry later, or disabled."""
+        slot_or_none = sched.next_slot_or_none(job.scheduled_for, clock.now()) if sched else None
+        if failure.error_type == "config_invalid":
+            return schedule.after_invalid_config(slot_or_none, job.retry_count, failure.message)
+        try:
+            if sched is None:
+                sched = schedule.Schedule.from_row(job.interval_seconds, job.cron, job.timezone)
+            return schedule.after_failure(
+                sched,
+                job.scheduled_for,
+                clock.now(),
+                retry_count=job.retry_count,
+                max_retries=job.max_retries,
+                backoff_seconds=job.retry_backoff_seconds,
+                rand=self.rand(),
+                error=failure.message,
+                max_backoff=self.max_backoff,
+            )
+        except (schedule.ScheduleError, CronError) as exc:
+            return schedule.after_invalid_config(None, job.retry_count, config_problem(exc))
 
     async def _after_success(self, conn: AsyncConnection[TupleRow], job: Job, todo: list[hooks.Hook]) -> None:
         """Post-success hooks, once the run's data is committed; failures are recorded, not fatal."""
@@ -354,15 +390,52 @@ class Runner:
         failed_records: int = 0,
     ) -> str:
         """Record the run's end, its errors and the job's next slot in one fenced transaction,
-        and claim the session's next job (`following`) in the same round trip."""
+        and claim the session's next job (`following`) in the same round trip.
+
+        If that transaction fails (a job left its transaction read-only, or set a timeout
+        that cancels the bookkeeping, or...), the run's work is rolled back, any lock the
+        failed claim took is released, and the run is recorded as failed instead.
+        """
+        try:
+            return await self._commit_finish(
+                lock, job, status, result, plan, failure, record_errors, following, failed_records
+            )
+        except (psycopg.OperationalError, psycopg.errors.SerializationFailure):
+            raise
+        except psycopg.Error as exc:
+            conn = lock.conn
+            if conn.broken:
+                raise psycopg.OperationalError(str(exc)) from exc
+            await conn.rollback()
+            await conn.execute(Q["release_stray_locks"], {"keep": job.id})
+            problem = classify(exc, timed_out=False)
+            failure = Failure(
+                problem.error_type, f"the run could not be recorded: {problem.message}"[:MAX_ERROR_TEXT], None
+            )
+            log.error("%s", failure.message)
+            plan = self._plan_failure(job, None, await _DbClock.read(conn), failure)
+            return await self._commit_finish(lock, job, "failed", RunResult(), plan, failure, [], None)
+
+    async def _commit_finish(
+        self,
+        lock: _Lock,
+        job: Job,
+        status: str,
+        result: RunResult,
+        plan: schedule.Plan,
+        failure: Failure | None,
+        record_errors: list[Any],
+        following: _NextClaim | None,
+        failed_records: int = 0,
+    ) -> str:
         base = {"integration_id": job.id, "run_id": job.run_id, "context": Jsonb({})}
         rows = [
             {
                 **base,
-                "error_type": e.error_type,
-                "message": redact(e.message)[:MAX_ERROR_TEXT],
-                "detail": e.detail and redact(e.detail),
-                "record_key": e.record_key and redact(e.record_key),
+                "error_type": _text(e.error_type, 100),
+                "message": _text(e.message),
+                "detail": e.detail and _text(e.detail, 8000),
+                "record_key": e.record_key and _text(e.record_key),
                 "context": Jsonb(redact_value(e.context)),
             }
             for e in record_errors
@@ -414,6 +487,9 @@ class Runner:
             async with conn.pipeline(), conn.cursor() as cur:
                 if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                     await cur.execute(b"BEGIN")  # after a rollback of the run's own work
+                # Whatever the job SET (a timeout, a role, a search_path) ends with the job.
+                await cur.execute(b"RESET ALL")
+                await cur.execute(b"RESET ROLE")
                 if rows:
                     await cur.executemany(Q["record_error"], rows)
                 await cur.execute(Q["finish_run"], params)
@@ -424,7 +500,8 @@ class Runner:
                 else:
                     await following.queue()  # commits with the run; the next run's transaction opens
                     await cur.execute(b"COMMIT AND CHAIN")
-                await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
+                if lock.held:
+                    await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
             lock.held = False
             if following is not None:
                 await following.collect()
@@ -435,14 +512,31 @@ class Runner:
             return "abandoned"
         if plan.disabled_reason:
             log.error("job disabled: %s", plan.disabled_reason)
-        log.info(
-            "run finished: %s, %s records, %s failed, next at %s",
-            status,
-            result.records_processed,
-            failed_records,
-            plan.next_sync_at,
-        )
+            log.info(
+                "run finished: %s, %s records, %s failed", status, result.records_processed, failed_records
+            )
+        else:
+            log.info(
+                "run finished: %s, %s records, %s failed, next at %s",
+                status,
+                result.records_processed,
+                failed_records,
+                plan.next_sync_at,
+            )
         return status
+
+    async def _fail_elsewhere(self, job: Job, failure: Failure) -> None:
+        """Finish `job`'s run as failed from a control session (its own session is closed);
+        fenced like every finish.  If even that fails, the run is left to the rescuer."""
+        assert self.pool is not None
+        self.census.finishing(job.run_id)
+        try:
+            async with self.pool.connection() as conn:
+                plan = self._plan_failure(job, None, await _DbClock.read(conn), failure)
+                lock = _Lock(conn, job.id, held=False)
+                await self._commit_finish(lock, job, "failed", RunResult(), plan, failure, [], None)
+        except Exception:
+            log.exception("could not record the failed run; the rescuer will hand the job back")
 
     async def _abandon(self, job: Job, reason: str) -> None:
         """Hand the job back through another session, retrying while the database is away."""
@@ -457,6 +551,11 @@ class Runner:
             except psycopg.OperationalError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _text(value: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """An error text as stored: secrets masked, capped, and without NUL (text cannot hold it)."""
+    return redact(str(value)).replace("\x00", "\\0")[:limit]
 
 
 class _NextClaim:
@@ -475,9 +574,11 @@ class _NextClaim:
         self.done = False
         self.job: Job | None = None
 
-    async def queue(self) -> None:
+    async def queue(self, *, announce: bool = False) -> None:
         self._claimed = self.conn.cursor(row_factory=dict_row)
-        await self._claimed.execute(Q["claim"], {"limit": 1, "lock": True, "worker_id": self.worker_id})
+        await self._claimed.execute(
+            Q["claim"], {"limit": 1, "lock": True, "worker_id": self.worker_id, "announce": announce}
+        )
 
     async def collect(self) -> None:
         assert self._claimed is not None
@@ -488,10 +589,10 @@ class _NextClaim:
         else:
             self.job = Job.from_row(row)
 
-    async def claim(self) -> None:
+    async def claim(self, *, announce: bool) -> None:
         async with self.conn.pipeline(), self.conn.cursor() as cur:
             await cur.execute(b"BEGIN")
-            await self.queue()
+            await self.queue(announce=announce)
             await cur.execute(b"COMMIT AND CHAIN")
         await self.collect()
 
@@ -499,10 +600,10 @@ class _NextClaim:
 class _Lock:
     """The integration's advisory lock, held by the run's session."""
 
-    def __init__(self, conn: AsyncConnection[TupleRow], integration_id: int) -> None:
+    def __init__(self, conn: AsyncConnection[TupleRow], integration_id: int, *, held: bool = True) -> None:
         self.conn = conn
         self.integration_id = integration_id
-        self.held = True
+        self.held = held
 
     async def release(self) -> None:
         await self.conn.execute(Q["unlock_integration"], {"integration_id": self.integration_id})
@@ -519,6 +620,12 @@ class _DbClock:
     def __init__(self, db_now: datetime) -> None:
         self._start = db_now
         self._mono = time.monotonic()
+
+    @classmethod
+    async def read(cls, conn: AsyncConnection[TupleRow]) -> _DbClock:
+        row = await (await conn.execute(b"SELECT clock_timestamp()")).fetchone()
+        assert row is not None
+        return cls(row[0])
 
     def now(self) -> datetime:
         return self._start + timedelta(seconds=time.monotonic() - self._mono)

@@ -42,6 +42,13 @@ class Schedule:
             raise ScheduleError(str(exc)) from exc
         return cls(interval_seconds, spec, tz)
 
+    def next_slot_or_none(self, anchor: datetime | None, now: datetime) -> datetime | None:
+        """`next_slot`, or None when the schedule has no next slot (a cron that no longer fires)."""
+        try:
+            return self.next_slot(anchor, now)
+        except CronError:
+            return None
+
     @property
     def manual_only(self) -> bool:
         return self.interval_seconds is None and self.cron is None
@@ -118,8 +125,9 @@ def after_failure(
 ) -> Plan:
     failures = retry_count + 1
     slot = schedule.next_slot(anchor, now)
-    if failures >= max_retries:
-        reason = f"disabled after {failures} failures in a row; last error: {error}"
+    if failures > max_retries:  # max_retries counts the retries after the first failure
+        times = "1 failure" if failures == 1 else f"{failures} failures in a row"
+        reason = f"disabled after {times}; last error: {error}"
         return Plan(
             next_sync_at=slot,
             slot=slot,

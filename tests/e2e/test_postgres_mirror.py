@@ -169,3 +169,33 @@ def test_changes_reach_the_mirror_in_real_time(db: str, source: str, tmp_path: P
         assert identical(source, db)
     finally:
         worker.stop()
+
+
+def test_a_realtime_job_added_while_the_worker_runs_is_listened_for_at_once(
+    db: str, source: str, tmp_path: Path
+) -> None:
+    execute(source, "INSERT INTO events (id, account) SELECT g, 1 FROM generate_series(1, 10) g")
+    env = worker_env(db, MIRROR_SOURCE_DSN=source)
+    worker = WorkerProcess(db, tmp_path / "worker.log", env=env)
+    try:
+        wait_for(lambda: "now the leader" in worker.output(), timeout=20, what="the worker to lead")
+        add_job(db, "events", "postgres", config(realtime=True, deletes="none"), interval_seconds=3600)
+        install = subprocess.run(
+            [sys.executable, "-m", "worker", "install-trigger", "events"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert install.returncode == 0, install.stderr
+        wait_for(lambda: successes(db) >= 1, timeout=30, what="the first copy")
+        wait_for(lambda: "listening for changes" in worker.output(), timeout=5, what="the source listener")
+        execute(source, "INSERT INTO events (id, account) VALUES (11, 2)")
+        # Well inside the 30 s reload that used to be the only way a new job was noticed.
+        wait_for(
+            lambda: one(db, "SELECT count(*) FROM public.events WHERE id = 11"),
+            timeout=5,
+            what="the new row in the mirror",
+        )
+    finally:
+        worker.stop()

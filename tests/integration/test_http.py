@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +37,8 @@ def job(api: Api, path: str, **extra: Any) -> dict[str, Any]:
         "destination": {"table": "public.items", "key": ["id"], "create_table": True, "columns": COLUMNS},
     }
     config.update(extra)
-    return config
+    # None here means "leave the setting out" (an explicit null in a row is a type error)
+    return {key: value for key, value in config.items() if value is not None}
 
 
 def run(db: str, name: str = "items", **kw: Any) -> OneShot:
@@ -170,7 +172,7 @@ def test_auth_from_secrets_and_a_wrong_secret_fails_without_leaking_it(
 def test_a_missing_secret_fails_the_run_clearly(db: str, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("API_SECRET", raising=False)
     add_job(db, "items", "http", job(api, "/page", auth={"type": "bearer", "token": {"env": "API_SECRET"}}))
-    assert run(db).status == "failed"
+    assert run(db, local_check=False).status == "failed"
     r = last_run(db)
     assert r["error_type"] == "secret_unavailable" and "API_SECRET" in r["error"]
     assert api.requests == []
@@ -223,6 +225,16 @@ def test_5xx_and_429_are_retried_honouring_retry_after(db: str, api: Api) -> Non
     after_429 = api.requests[2].at - api.requests[1].at
     assert after_429 >= 0.95  # Retry-After: 1 was waited out
     assert one(db, "SELECT count(*) FROM syncworker.sync_errors") == 0
+
+
+def test_each_retry_is_logged_once_in_our_words(db: str, api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    api.faults.extend(["500", "503"])
+    add_job(db, "items", "http", job(api, "/page"), interval_seconds=3600)
+    with caplog.at_level(logging.DEBUG):
+        assert run(db).status == "success"
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 2, retries
+    assert not [r for r in caplog.records if r.name == "backoff" or "Backing off" in r.getMessage()]
 
 
 def test_retries_give_up_after_max_attempts(db: str, api: Api) -> None:

@@ -107,7 +107,8 @@ def test_install_trigger_errors_are_one_line(db: str, source: str) -> None:
     for name, message in cases.items():
         result = cli(db, source, "install-trigger", name)
         assert result.returncode == 1
-        assert result.stderr.strip() == f"syncworker: error: {message}"
+        error = result.stderr.strip()
+        assert "\n" not in error and error.startswith(f"syncworker: error: {message}; database "), error
 
 
 def test_verify_reports_a_match_and_explains_a_mismatch(

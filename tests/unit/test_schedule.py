@@ -84,20 +84,30 @@ def test_failure_keeps_the_schedule_slot_aside_while_retrying() -> None:
     assert plan.scheduled_sync_at == T0 + timedelta(hours=1)
 
 
-def test_the_last_allowed_failure_disables_with_the_reason() -> None:
-    plan = schedule.after_failure(
-        every(3600),
-        T0,
-        T0,
-        retry_count=2,
-        max_retries=3,
-        backoff_seconds=60,
-        rand=0.5,
-        error="HTTP 503 from api.example",
-    )
-    assert plan.retry_count == 3
-    assert plan.disabled_reason == "disabled after 3 failures in a row; last error: HTTP 503 from api.example"
+def test_max_retries_counts_retries_after_the_first_failure() -> None:
+    def fail(retry_count: int, max_retries: int) -> schedule.Plan:
+        return schedule.after_failure(
+            every(3600),
+            T0,
+            T0,
+            retry_count=retry_count,
+            max_retries=max_retries,
+            backoff_seconds=60,
+            rand=0.5,
+            error="HTTP 503 from api.example",
+        )
+
+    # max_retries = 3: the first failure and three retries (after 1, 2 and 4 minutes), then disabled.
+    delays = [fail(n, 3).next_sync_at for n in range(3)]
+    assert delays == [T0 + timedelta(minutes=m) for m in (1, 2, 4)]
+    assert [fail(n, 3).disabled_reason for n in range(3)] == [None, None, None]
+    plan = fail(3, 3)
+    assert plan.retry_count == 4
+    assert plan.disabled_reason == "disabled after 4 failures in a row; last error: HTTP 503 from api.example"
     assert plan.next_sync_at == T0 + timedelta(hours=1)  # where the schedule resumes once re-enabled
+    # max_retries = 0: never retried, and the reason reads as English.
+    assert fail(0, 0).disabled_reason == "disabled after 1 failure; last error: HTTP 503 from api.example"
+    assert fail(0, 1).disabled_reason is None
 
 
 def test_success_resets_retries_and_returns_to_the_grid() -> None:

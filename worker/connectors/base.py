@@ -24,6 +24,12 @@ class ConfigError(ValueError):
         self.field = field
 
 
+class EnvironmentProblem(ConfigError):
+    """The config may well be right, but this process cannot use it: a module it cannot
+    import, a secret it cannot read.  The worker treats it as the job's config problem; an
+    operator's command (`check`, `run-once`) run from another shell only warns."""
+
+
 class SyncError(Exception):
     """A failure from the outside world; `error_type` is the stable code stored with it."""
 
@@ -167,6 +173,8 @@ def require(
     """
     if key not in config:
         raise ConfigError(f"{prefix}.{key}" if prefix else key, f"is required ({what})")
+    if config[key] is None:
+        raise ConfigError(f"{prefix}.{key}" if prefix else key, f"expected {what}, got null")
     return expect(config, key, kind, what, prefix=prefix)
 
 
@@ -178,11 +186,16 @@ def expect(
     default: Any = None,
     prefix: str = "",
 ) -> Any:
-    """config.get(key, default), which must be of `kind` when present."""
-    if key not in config or config[key] is None:
+    """config.get(key, default), which must be of `kind` when present.
+
+    An explicit `null` is a wrong type, not "use the default": leave the setting out for that.
+    """
+    if key not in config:
         return default
     value = config[key]
     field = f"{prefix}.{key}" if prefix else key
+    if value is None:
+        raise ConfigError(field, f"expected {what}, got null (leave the setting out to use its default)")
     if isinstance(value, bool) and kind in (int, float, (int, float)):
         raise ConfigError(field, f"expected {what}, got a boolean")
     if not isinstance(value, kind):

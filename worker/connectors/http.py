@@ -261,7 +261,11 @@ class HttpConnector(Connector):
             },
         )
         url = require(config, "url", str, "the API's URL, http:// or https://")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            httpx.URL(url)
+        except (ValueError, httpx.InvalidURL) as exc:
+            raise ConfigError("url", f"not a valid URL ({exc}): {url!r:.80}") from None
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError("url", f"expected an http:// or https:// URL, got {url!r:.80}")
         method = str(expect(config, "method", str, "GET or POST", "GET")).upper()
@@ -573,6 +577,7 @@ class Fetcher:
             jitter=None,
             on_backoff=self._log_retry,
             raise_on_giveup=True,
+            logger=None,  # _log_retry says it once, in our words
         )(self._attempt)
 
     async def __aenter__(self) -> Fetcher:

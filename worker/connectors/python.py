@@ -13,6 +13,7 @@ from typing import Any
 from worker.connectors.base import (
     ConfigError,
     Connector,
+    EnvironmentProblem,
     RunContext,
     RunResult,
     SyncError,
@@ -53,9 +54,14 @@ class PythonConnector(Connector):
         module_name, _, path = target.partition(":")
         try:
             obj: Any = importlib.import_module(module_name)
+        except ImportError as exc:  # perhaps only not on this process's path
+            raise EnvironmentProblem("callable", f"cannot load {target}: {exc!r}") from exc
+        except Exception as exc:
+            raise ConfigError("callable", f"cannot load {target}: {exc!r}") from exc
+        try:
             for part in path.split("."):
                 obj = getattr(obj, part)
-        except Exception as exc:
+        except AttributeError as exc:
             raise ConfigError("callable", f"cannot load {target}: {exc!r}") from exc
         if not callable(obj):
             raise ConfigError("callable", f"{target} is not callable")

@@ -1,0 +1,380 @@
+"""A hostile world: rows no connector expects, jobs that fight the worker's session, runs stuck
+inside Postgres, a frozen leader.  No row may stop a replica or loop, and rescue never waits on
+a statement to end or on one process to be healthy."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from helpers import WorkerProcess, add_job, execute, one, rows, wait_for, workers
+
+pytestmark = pytest.mark.e2e
+
+
+def runs_of(url: str, name: str) -> list[dict[str, Any]]:
+    return rows(
+        url,
+        """SELECT r.id, r.status, r.trigger, r.error_type, r.error, r.started_at, r.finished_at, w.pid
+             FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id
+             LEFT JOIN syncworker.workers w ON w.id = r.worker_id
+            WHERE i.name = %s ORDER BY r.id""",
+        (name,),
+    )
+
+
+def job(url: str, name: str) -> dict[str, Any]:
+    return rows(url, "SELECT * FROM syncworker.integrations WHERE name = %s", (name,))[0]
+
+
+def assert_alive(procs: list[WorkerProcess]) -> None:
+    for p in procs:
+        assert p.proc.poll() is None, f"a worker exited with {p.proc.returncode}:\n{p.output()[-3000:]}"
+
+
+# -- 1. one row must not stop the fleet -------------------------------------------------------
+
+
+def test_a_realtime_row_with_a_null_source_disables_itself_and_stops_no_replica(
+    jobdb: str, tmp_path: Path
+) -> None:
+    execute(
+        jobdb,
+        """INSERT INTO syncworker.integrations (name, kind, config, interval_seconds)
+           VALUES ('rt-bad', 'postgres', '{"realtime": true, "source": null}', 60)""",
+    )
+    add_job(
+        jobdb, "control", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"}, interval_seconds=1
+    )
+    with workers(jobdb, tmp_path, 2) as procs:
+        wait_for(lambda: not job(jobdb, "rt-bad")["enabled"], timeout=15, what="rt-bad to be disabled")
+        before = one(jobdb, "SELECT count(*) FROM public.ticks")
+        wait_for(
+            lambda: one(jobdb, "SELECT count(*) FROM public.ticks") >= before + 3,
+            timeout=10,
+            what="the control job to keep running",
+        )
+        assert_alive(procs)
+        output = "".join(p.output() for p in procs)
+    bad = job(jobdb, "rt-bad")
+    assert bad["disabled_reason"].startswith("invalid configuration: source")
+    assert (
+        one(
+            jobdb,
+            "SELECT count(*) FROM syncworker.sync_errors e JOIN syncworker.integrations i "
+            "ON i.id = e.integration_id WHERE i.name = 'rt-bad' AND e.error_type = 'config_invalid'",
+        )
+        >= 1
+    )
+    assert "CRITICAL" not in output and "Traceback" not in output
+
+
+# -- 2. invalid rows are disabled once, never looped ----------------------------------------------
+
+INVALID = {
+    "a": ("sql", {"statement": None}, "statement"),
+    "b": ("python", {"callable": None}, "callable"),
+    "c": ("postgres", {"source": None}, "source"),
+    "d": ("http", {"url": "http://[::1"}, "url"),
+    "e": ("redis", {"url": None}, "url"),
+    "f": ("http", {"url": "http://127.0.0.1:9/x", "destination": None}, "destination"),
+}
+
+
+def test_invalid_rows_are_disabled_with_a_reason_after_one_failed_run(jobdb: str, tmp_path: Path) -> None:
+    for name, (kind, config, _) in INVALID.items():
+        add_job(jobdb, name, kind, config, interval_seconds=5)
+    add_job(
+        jobdb, "control", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"}, interval_seconds=1
+    )
+    with workers(jobdb, tmp_path, 1) as procs:
+        for name in INVALID:
+            wait_for(lambda n=name: not job(jobdb, n)["enabled"], timeout=15, what=f"{name} disabled")
+        time.sleep(2)  # time enough for a loop to show
+        assert_alive(procs)
+        output = procs[0].output()
+    for name, (_, _, field) in INVALID.items():
+        found = runs_of(jobdb, name)
+        assert [r["status"] for r in found] == ["failed"], (name, found)
+        assert found[0]["error_type"] == "config_invalid"
+        assert job(jobdb, name)["disabled_reason"].startswith(f"invalid configuration: {field}"), name
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") >= 3
+    assert "run task crashed" not in output and "Traceback" not in output
+
+
+def test_the_database_rejects_a_cron_that_never_fires_a_huge_name_and_an_infinite_due_time(
+    db: str,
+) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation, match="never fires"):
+        add_job(db, "feb31", "sql", {"statement": "SELECT 1"}, cron="0 0 31 2 *")
+    with pytest.raises(psycopg.errors.CheckViolation, match="never fires"):
+        add_job(db, "apr31", "sql", {"statement": "SELECT 1"}, cron="0 0 31 4,6 *")
+    add_job(db, "feb29", "sql", {"statement": "SELECT 1"}, cron="0 0 29 2 *")  # leap years: fires
+    add_job(db, "feb31-or-monday", "sql", {"statement": "SELECT 1"}, cron="0 0 31 2 1")  # either day
+    with pytest.raises(psycopg.errors.CheckViolation, match="200 characters"):
+        add_job(db, "x" * 9000, "sql", {"statement": "SELECT 1"}, interval_seconds=5)
+    add_job(db, "ok", "sql", {"statement": "SELECT 1"}, interval_seconds=5)
+    for value in ("infinity", "-infinity"):
+        with pytest.raises(psycopg.errors.CheckViolation, match="next_sync_at must be a finite time"):
+            execute(db, "UPDATE syncworker.integrations SET next_sync_at = %s WHERE name = 'ok'", (value,))
+        with pytest.raises(psycopg.errors.CheckViolation, match="next_sync_at must be a finite time"):
+            add_job(db, f"inf{value}", "sql", {"statement": "SELECT 1"}, next_sync_at=value)
+
+
+def test_a_row_written_before_the_checks_existed_is_disabled_not_looped(jobdb: str, tmp_path: Path) -> None:
+    # Rows older than the database's checks: the worker must cope with them too.
+    execute(
+        jobdb,
+        """ALTER TABLE syncworker.integrations DISABLE TRIGGER integrations_before_write;
+           INSERT INTO syncworker.integrations (name, kind, config, cron, next_sync_at)
+           VALUES ('feb31', 'sql', '{"statement": "SELECT 1"}', '0 0 31 2 *', now()),
+                  ('bad-cron', 'sql', '{"statement": "SELECT 1"}', 'not a cron', now()),
+                  ('bad-zone', 'sql', '{"statement": "SELECT 1"}', '0 * * * *', now());
+           UPDATE syncworker.integrations SET timezone = 'Mars/Olympus' WHERE name = 'bad-zone';
+           INSERT INTO syncworker.integrations (name, kind, config, interval_seconds, next_sync_at)
+           VALUES (repeat('x', 9000), 'garbage', '{}', 5, now());
+           ALTER TABLE syncworker.integrations ENABLE TRIGGER integrations_before_write;""",
+    )
+    with workers(jobdb, tmp_path, 1) as procs:
+        wait_for(
+            lambda: one(jobdb, "SELECT count(*) FROM syncworker.integrations WHERE enabled") == 0,
+            timeout=15,
+            what="every row disabled",
+        )
+        time.sleep(1.5)
+        assert_alive(procs)
+        output = procs[0].output()
+    assert "never fires" in job(jobdb, "feb31")["disabled_reason"]
+    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status <> 'failed'") == 0
+    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs") == 4
+    assert "run task crashed" not in output and "Traceback" not in output
+
+
+# -- 3. a run busy inside Postgres is rescued at once ---------------------------------------------
+
+
+def _kill_the_runner_and_time_the_rerun(url: str, tmp_path: Path, name: str) -> float:
+    with workers(url, tmp_path, 2) as procs:
+        first = wait_for(
+            lambda: [r for r in runs_of(url, name) if r["status"] == "running" and r["pid"]],
+            timeout=20,
+            what="the run to start",
+        )[0]
+        time.sleep(1)  # well inside its statement
+        victim = next(p for p in procs if p.pid == first["pid"])
+        victim.kill()
+        killed = time.monotonic()
+        wait_for(
+            lambda: [r for r in runs_of(url, name)[1:] if r["trigger"] == "rescue"],
+            timeout=30,
+            what="the rerun",
+        )
+        elapsed = time.monotonic() - killed
+        assert_alive([p for p in procs if p is not victim])
+    assert runs_of(url, name)[0]["status"] == "abandoned"
+    return elapsed
+
+
+def test_a_sql_job_blocked_in_a_statement_is_rerun_within_5s_of_its_worker_being_killed(
+    jobdb: str, tmp_path: Path
+) -> None:
+    add_job(jobdb, "sleepy", "sql", {"statement": "SELECT pg_sleep(60)"})
+    assert _kill_the_runner_and_time_the_rerun(jobdb, tmp_path, "sleepy") < 5
+
+
+def test_a_postgres_job_blocked_writing_its_destination_is_rerun_within_5s(
+    jobdb: str, tmp_path: Path
+) -> None:
+    execute(
+        jobdb,
+        """CREATE TABLE public.src (id int PRIMARY KEY, v text, updated_at timestamptz DEFAULT now());
+           INSERT INTO public.src (id, v) SELECT g, 'v' || g FROM generate_series(1, 10) g;
+           CREATE TABLE public.dst (id int PRIMARY KEY, v text, updated_at timestamptz);
+           CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep(60); RETURN NEW; END $$;
+           CREATE TRIGGER slow BEFORE INSERT ON public.dst
+             FOR EACH STATEMENT EXECUTE FUNCTION public.slow();""",
+    )
+    add_job(
+        jobdb,
+        "mirror",
+        "postgres",
+        {
+            "source": {
+                "dsn": {"env": "SRC_DSN"},
+                "table": "public.src",
+                "key": ["id"],
+                "updated_at": "updated_at",
+            },
+            "destination": {"table": "public.dst", "key": ["id"]},
+        },
+    )
+    os.environ["SRC_DSN"] = jobdb
+    try:
+        assert _kill_the_runner_and_time_the_rerun(jobdb, tmp_path, "mirror") < 5
+    finally:
+        del os.environ["SRC_DSN"]
+
+
+# -- 4. a frozen leader stalls nothing --------------------------------------------------------------
+
+
+def test_with_the_leader_frozen_a_killed_replicas_runs_are_rescued_and_a_standby_leads(
+    jobdb: str, tmp_path: Path
+) -> None:
+    for i in range(6):
+        add_job(jobdb, f"slow{i}", "sql", {"statement": "SELECT pg_sleep(2)"}, interval_seconds=1)
+    with workers(jobdb, tmp_path, 3, "--concurrency", "2") as procs:
+        leader_pid = wait_for(
+            lambda: one(jobdb, "SELECT pid FROM syncworker.workers WHERE leader AND stopped_at IS NULL"),
+            timeout=15,
+            what="a leader",
+        )
+        leader = next(p for p in procs if p.pid == leader_pid)
+        others = [p for p in procs if p is not leader]
+
+        def running_on(p: WorkerProcess) -> list[int]:
+            return [
+                r["id"]
+                for r in rows(
+                    jobdb,
+                    "SELECT r.id FROM syncworker.sync_runs r JOIN syncworker.workers w ON w.id = r.worker_id "
+                    "WHERE r.status = 'running' AND w.pid = %s",
+                    (p.pid,),
+                )
+            ]
+
+        victim = wait_for(
+            lambda: next((p for p in others if running_on(p)), None), timeout=15, what="a run on a follower"
+        )
+        survivor = next(p for p in others if p is not victim)
+        os.kill(leader.pid, signal.SIGSTOP)
+        try:
+            stranded = running_on(victim)
+            victim.kill()
+            killed = time.monotonic()
+            wait_for(
+                lambda: (
+                    one(
+                        jobdb,
+                        "SELECT count(*) FROM syncworker.sync_runs "
+                        "WHERE id = ANY(%s) AND status = 'abandoned'",
+                        (stranded,),
+                    )
+                    == len(stranded)
+                ),
+                timeout=15,
+                what="the killed replica's runs to be abandoned",
+            )
+            assert time.monotonic() - killed < 5
+            wait_for(
+                lambda: one(
+                    jobdb, "SELECT leader FROM syncworker.workers WHERE pid = %s AND leader", (survivor.pid,)
+                ),
+                timeout=15,
+                what="the survivor to lead",
+            )
+            assert time.monotonic() - killed < 12
+            assert (
+                one(jobdb, "SELECT count(*) FROM syncworker.workers WHERE leader AND stopped_at IS NULL") == 1
+            )
+        finally:
+            os.kill(leader.pid, signal.SIGCONT)
+        # The frozen leader comes back as a standby and keeps working.
+        wait_for(lambda: "now a standby" in leader.output(), timeout=15, what="the old leader to step down")
+        assert_alive([leader, survivor])
+
+
+def test_a_run_past_its_timeout_on_a_frozen_worker_is_stopped_from_the_database(
+    jobdb: str, tmp_path: Path
+) -> None:
+    add_job(jobdb, "stuck", "sql", {"statement": "SELECT pg_sleep(120)"}, timeout_seconds=2)
+    with workers(jobdb, tmp_path, 2) as procs:
+        first = wait_for(
+            lambda: [r for r in runs_of(jobdb, "stuck") if r["status"] == "running" and r["pid"]],
+            timeout=20,
+            what="the run to start",
+        )[0]
+        frozen = next(p for p in procs if p.pid == first["pid"])
+        os.kill(frozen.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            wait_for(
+                lambda: runs_of(jobdb, "stuck")[0]["status"] != "running",
+                timeout=30,
+                what="the overdue run to end",
+            )
+            # timeout 2 s + the margin (5 s) + a rescue round
+            assert time.monotonic() - stopped < 10
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        ended = runs_of(jobdb, "stuck")[0]
+        assert ended["status"] == "abandoned"
+        assert "timeout" in ended["error"]
+
+
+# -- 5. a job cannot break the worker's session handling ------------------------------------------
+
+HOSTILE = {
+    "sets-local-timeout": "SET LOCAL statement_timeout = 1",
+    "sets-timeout": "SET statement_timeout = 1",
+    "sets-lock-timeout": "SET lock_timeout = 1",
+    "commits": "COMMIT",
+    "rolls-back": "ROLLBACK",
+    "sets-role": "SET ROLE pg_read_all_data",
+    "resets-all": "RESET ALL",
+    "discards-all": "DISCARD ALL",
+    "unlocks-all": "SELECT pg_advisory_unlock_all()",
+    "read-only": "SET LOCAL transaction_read_only = on",
+    "search-path": "SET search_path = pg_temp",
+}
+
+
+def test_hostile_statements_in_sql_jobs_leak_no_lock_and_stall_no_other_job(
+    jobdb: str, tmp_path: Path
+) -> None:
+    for name, statement in HOSTILE.items():
+        add_job(jobdb, name, "sql", {"statement": statement}, interval_seconds=1, max_retries=1000)
+    for i in range(5):
+        add_job(
+            jobdb,
+            f"control{i}",
+            "sql",
+            {"statement": "INSERT INTO public.job_rows (run_id) VALUES (1)"},
+            interval_seconds=1,
+        )
+    seconds = 20
+    with workers(jobdb, tmp_path, 1) as procs:
+        time.sleep(seconds)
+        assert_alive(procs)
+        output = procs[0].output()
+        # Nothing sits running for seconds waiting on a lock some idle session kept.
+        stuck = one(
+            jobdb,
+            "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'running' "
+            "AND started_at < now() - interval '3 seconds'",
+        )
+    counts = {
+        r["name"]: r
+        for r in rows(
+            jobdb,
+            """SELECT i.name, count(*) FILTER (WHERE r.status = 'success') AS ok,
+                      count(*) FILTER (WHERE r.status = 'abandoned') AS abandoned,
+                      count(*) FILTER (WHERE r.status = 'running') AS running,
+                      max(r.started_at) AS last
+                 FROM syncworker.integrations i LEFT JOIN syncworker.sync_runs r ON r.integration_id = i.id
+                GROUP BY i.name""",
+        )
+    }
+    for i in range(5):
+        assert counts[f"control{i}"]["ok"] >= seconds - 4, counts[f"control{i}"]
+    for name in HOSTILE:
+        assert counts[name]["abandoned"] <= 1, (name, counts[name])
+    assert "run task crashed" not in output and "Traceback" not in output
+    assert stuck == 0

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from worker import db, secrets
+from worker import db, hooks, secrets
 from worker.connectors import get
 from worker.connectors.postgres import CHANNEL, PostgresConfig, qualified_name
 
@@ -34,7 +34,8 @@ def postgres_config(kind: str, config: dict[str, Any], name: str) -> PostgresCon
     if kind != "postgres":
         raise ToolError(f"{name} is a {kind} job; this command works on postgres jobs")
     try:
-        parsed: PostgresConfig = get("postgres").validate(config)
+        body, _ = hooks.split(config)  # parsed exactly as the runner parses it
+        parsed: PostgresConfig = get("postgres").validate(body)
     except ValueError as exc:
         raise ToolError(f"{name}: invalid configuration: {exc}") from None
     return parsed

@@ -150,3 +150,18 @@ def test_run_once_dry_run_prints_the_changes_and_writes_nothing(db: str, source:
     assert lines[1] == "  keys that would be inserted (first 3): 1, 2, 3"
     assert lines[2].startswith('state after the run would be: {"phase": "incremental", "watermark": "20')
     assert one(db, "SELECT to_regclass('public.orders_copy')") is None
+
+
+def test_tools_read_a_job_with_an_after_success_hook_as_the_runner_does(
+    db: str, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook = {"redis_invalidate": {"url": {"env": "CACHE_URL"}, "patterns": ["cache:orders:*"]}}
+    add_job(db, "orders", "postgres", mirror(after_success=hook))
+    result = cli(db, source, "install-trigger", "orders")
+    assert result.returncode == 0, result.stderr
+    assert notifications_per_transaction(source) == ["public.orders"]
+    monkeypatch.setenv("TEST_SOURCE_DSN", source)
+    assert asyncio.run(run_once(db, "orders", local_check=False)).status == "success"
+    result = cli(db, source, "verify", "orders")
+    assert result.returncode == 0, result.stderr
+    assert "match: same keys and updated_at values" in result.stdout

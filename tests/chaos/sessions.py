@@ -19,6 +19,7 @@ import psycopg
 from .harness import Cluster, Figure, at_most, wait_all, wait_until, zero
 
 S = "cut sessions"
+# The application_name of each kind of worker session; a replica may add " w<worker id>".
 SESSIONS = ["syncworker listener", "syncworker leader", "syncworker run", "syncworker"]
 
 
@@ -43,10 +44,14 @@ def run(workdir: Path, cap: float) -> list[Figure]:
             cut_at = c.now()
             cut = c.one(
                 """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                    WHERE datname = current_database() AND application_name = %s
-                      AND pid <> pg_backend_pid()""",
-                (app,),
+                    WHERE datname = current_database() AND pid <> pg_backend_pid()
+                      AND (application_name = %(app)s
+                           OR application_name ~ ('^' || %(app)s || ' w[0-9]+$'))""",
+                {"app": app},
             )
+            if not cut:
+                figures.append(Figure(S, f'terminate the "{app}" sessions', "none found", "some cut", False))
+                continue
             figures.append(
                 at_most(
                     S,

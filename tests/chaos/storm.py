@@ -84,6 +84,8 @@ def run(workdir: Path, duration: float, kill_every: float = 5.0, jobs: int = 100
             (victims,),
         ):
             time.sleep(0.1)
+        for replica in replicas:
+            replica.ready()  # a replica SIGTERMed while it starts exits before it can stop cleanly
         exits = c.stop_all()
 
         figures = [

@@ -354,6 +354,9 @@ def _integration(conn: psycopg.Connection[dict[str, Any]], name: str) -> dict[st
     row = conn.execute(Q["integration_by_name"], {"name": name}).fetchone()
     if row is None:
         raise CliError(f'no integration named "{name}"')
+    problem = db.read_json(row, "config", "state")
+    if problem:
+        raise CliError(f"{name}: {problem}")
     return row
 
 

@@ -287,7 +287,8 @@ class Worker:
         if interval:
             self._service(lambda: self._watchdog(interval), "watchdog")
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP (a closed terminal, a reload) stops gracefully too rather than killing runs.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
         log.info(
             "worker %s started (mode=%s, concurrency=%s) on %s",

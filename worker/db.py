@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -80,6 +81,24 @@ def database_url() -> str:
     return choose_database().url
 
 
+def read_json(row: dict[str, Any], *columns: str) -> str | None:
+    """Parse `row`'s jsonb `columns`, which queries send as text, in place.
+
+    A value Python cannot read (nested thousands of levels deep) leaves `{}` there and
+    returns why, so that the one row fails alone rather than the query that read it.
+    """
+    problem = None
+    for column in columns:
+        text = row.get(column)
+        if isinstance(text, str):
+            try:
+                row[column] = json.loads(text)
+            except (ValueError, RecursionError) as exc:
+                row[column] = {}
+                problem = problem or f"{column} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+    return problem
+
+
 def connect_kwargs(application_name: str = "syncworker") -> dict[str, Any]:
     return {
         **KEEPALIVE_KWARGS,
@@ -93,12 +112,18 @@ def connect_kwargs(application_name: str = "syncworker") -> dict[str, Any]:
 # a partitioned client's idle session within ~25 s, so the locks such a session holds are
 # released at once, not when its statement ends or after the kernel's two hours.  They are
 # startup options, so `RESET ALL` (run after every job, which may SET what it likes) returns
-# to them.
+# to them.  Timeouts a database or role may set by default do not apply to these sessions:
+# the worker's bookkeeping must not be cancelled half-way, its idle sessions (the liveness
+# lock, LISTEN) must not be closed, and a job is bounded by its own timeout_seconds.
 SERVER_SETTINGS = {
     "client_connection_check_interval": "1s",
     "tcp_keepalives_idle": "10",
     "tcp_keepalives_interval": "5",
     "tcp_keepalives_count": "3",
+    "statement_timeout": "0",
+    "lock_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "idle_session_timeout": "0",
 }
 
 

@@ -37,6 +37,8 @@ SELECT pg_advisory_lock(syncworker.lock_key('leader'), 0);
 SELECT pg_sleep(%(seconds)s);
 
 -- name: claim
+-- (config and state come back as text, parsed job by job: a row Python cannot read, say
+-- nested thousands deep, fails alone instead of failing the claim of every job with it.)
 -- Take up to %(limit)s due jobs and open a run for each, in one statement.  With %(lock)s
 -- (a run session claiming its own next job) it also takes each job's integration lock
 -- and sets locked_at: that session runs it.  It may run inside a finishing run's
@@ -67,7 +69,8 @@ UPDATE syncworker.integrations i
    SET running_run_id = runs.id, pending_trigger = NULL, scheduled_sync_at = NULL
   FROM runs, announced
  WHERE i.id = runs.integration_id
-RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i.timezone,
+RETURNING i.id, i.name, i.kind, i.config::text AS config, i.state::text AS state,
+          i.interval_seconds, i.cron, i.timezone,
           i.max_retries, i.retry_backoff_seconds, i.timeout_seconds, i.retry_count,
           runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for, runs.locked_at;
 
@@ -290,7 +293,7 @@ SELECT syncworker.trigger_sync(%(name)s) AS result;
 
 -- name: integration_by_name
 -- One job by name.
-SELECT id, name, kind, config, state, interval_seconds, cron, timezone, enabled,
+SELECT id, name, kind, config::text AS config, state::text AS state, interval_seconds, cron, timezone, enabled,
        max_retries, retry_backoff_seconds, timeout_seconds, retry_count
   FROM syncworker.integrations WHERE name = %(name)s;
 
@@ -313,7 +316,7 @@ SELECT e.id, i.name, e.created_at, e.error_type, e.record_key, e.message, e.run_
 
 -- name: all_integrations
 -- Every job, for `syncworker check`.
-SELECT id, name, kind, config, interval_seconds, cron, timezone, enabled
+SELECT id, name, kind, config::text AS config, interval_seconds, cron, timezone, enabled
   FROM syncworker.integrations ORDER BY name;
 
 -- name: claim_by_name
@@ -332,7 +335,8 @@ UPDATE syncworker.integrations i
    SET running_run_id = runs.id, pending_trigger = NULL, scheduled_sync_at = NULL
   FROM runs
  WHERE i.id = runs.integration_id
-RETURNING i.id, i.name, i.kind, i.config, i.state, i.interval_seconds, i.cron, i.timezone,
+RETURNING i.id, i.name, i.kind, i.config::text AS config, i.state::text AS state,
+          i.interval_seconds, i.cron, i.timezone,
           i.max_retries, i.retry_backoff_seconds, i.timeout_seconds, i.retry_count,
           runs.id AS run_id, runs.trigger, runs.attempt, runs.scheduled_for, runs.locked_at;
 
@@ -342,7 +346,7 @@ SELECT pg_try_advisory_lock(syncworker.lock_key('integration'), %(integration_id
 
 -- name: realtime_jobs
 -- Leader: enabled jobs that asked for runs on change ({"realtime": true} in their config).
-SELECT id, name, kind, config FROM syncworker.integrations
+SELECT id, name, kind, config::text AS config FROM syncworker.integrations
  WHERE enabled AND config @> '{"realtime": true}'
  ORDER BY id;
 
@@ -361,3 +365,40 @@ SELECT syncworker.circuit_allow(%(host)s, %(cooldown)s) AS state;
 -- name: circuit_record
 -- http: a request's outcome for the host's circuit breaker; returns the breaker's state.
 SELECT syncworker.circuit_record(%(host)s, %(ok)s, %(threshold)s, %(error)s) AS state;
+
+-- name: pause_job
+-- `syncworker pause`: stop a job's runs, keep its schedule.
+SELECT syncworker.pause_job(%(name)s, %(reason)s) AS result;
+
+-- name: resume_job
+-- `syncworker resume`: a paused job runs on its schedule again.
+SELECT syncworker.resume_job(%(name)s) AS result;
+
+-- name: enable_job
+-- `syncworker enable`: enable a disabled or paused job.
+SELECT syncworker.enable_job(%(name)s) AS result;
+
+-- name: disable_job
+-- `syncworker disable`: disable a job with a reason.
+SELECT syncworker.disable_job(%(name)s, %(reason)s) AS result;
+
+-- name: resolve_errors
+-- `syncworker resolve`: mark a job's unresolved errors (of one type, or all) resolved.
+SELECT syncworker.resolve_errors(%(name)s, %(error_type)s) AS resolved;
+
+-- name: runs
+-- `syncworker runs`: the latest runs of every job (or only those running), where and how long.
+SELECT r.id, i.name, r.status, r.trigger, r.attempt, r.worker_id, w.hostname, w.pid,
+       r.started_at, r.finished_at,
+       coalesce(r.duration_ms, (extract(epoch FROM clock_timestamp() - r.started_at) * 1000)::bigint)
+         AS duration_ms,
+       i.timeout_seconds,
+       r.status = 'running' AND r.started_at < clock_timestamp() - make_interval(secs => i.timeout_seconds)
+         AS past_timeout,
+       r.records_processed, r.records_failed, r.error_type, r.error
+  FROM syncworker.sync_runs r
+  JOIN syncworker.integrations i ON i.id = r.integration_id
+  LEFT JOIN syncworker.workers w ON w.id = r.worker_id
+ WHERE NOT %(running)s OR r.status = 'running'
+ ORDER BY r.started_at DESC, r.id DESC
+ LIMIT %(limit)s;

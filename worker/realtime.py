@@ -46,6 +46,8 @@ async def load_sources(pool: Pool) -> Sources:
     invalid: dict[int, str] = {}
     for row in rows:
         try:
+            if unreadable := db.read_json(row, "config"):
+                raise connectors.ConfigError("", unreadable)
             connector = connectors.get(row["kind"])
             body, _ = hooks.split(row["config"])
             source = connector.realtime_source(connector.validate(body))

@@ -19,7 +19,7 @@ from psycopg.rows import TupleRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from worker import connectors, hooks, logs, schedule
+from worker import connectors, db, hooks, logs, schedule
 from worker.connectors.base import ConfigError, FencedError, RunContext, RunResult, SyncError
 from worker.cron import CronError
 from worker.maintenance import Census
@@ -54,10 +54,14 @@ class Job:
     # When the run's session took the integration lock (database clock); None while
     # the run still waits for its session to take it (`begin_run`).
     locked_at: datetime | None
+    # Why the row's config or state could not be read, if it could not (see db.read_json).
+    unreadable: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        values = dict(row)
+        values["unreadable"] = db.read_json(values, "config", "state")
+        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,8 @@ class Runner:
 
     async def preview(self, conn: AsyncConnection[TupleRow], job: Job) -> tuple[RunResult, RunContext]:
         """Run the connector in dry-run mode and roll everything back (`run-once --dry-run`)."""
+        if job.unreadable:
+            raise ConfigError("", job.unreadable)
         connector = connectors.get(job.kind)
         body, _ = hooks.split(job.config)  # hooks do not run in a dry run
         ctx = self._context(conn, job, connector.validate(body), dry_run=True)
@@ -252,6 +258,8 @@ class Runner:
         conn = lock.conn
         sched: schedule.Schedule | None = None
         try:
+            if job.unreadable:
+                raise ConfigError("", job.unreadable)
             sched = schedule.Schedule.from_row(job.interval_seconds, job.cron, job.timezone)
             connector = connectors.get(job.kind)
             body, after_success = hooks.split(job.config)

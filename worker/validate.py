@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker import connectors, hooks, schedule, secrets
+from worker import connectors, db, hooks, schedule, secrets
 from worker.connectors.base import EnvironmentProblem
 
 
@@ -27,6 +27,10 @@ def problems(row: Mapping[str, Any], *, resolve_secrets: bool = False) -> Proble
     """
     from worker.runner import config_problem
 
+    if isinstance(row["config"], str):  # as the queries send it
+        row = dict(row)
+        if unreadable := db.read_json(row, "config"):
+            return Problem(unreadable)
     try:
         schedule.Schedule.from_row(row["interval_seconds"], row["cron"], row["timezone"])
         body, _ = hooks.split(row["config"])

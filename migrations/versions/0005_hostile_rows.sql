@@ -111,10 +111,14 @@ UPDATE syncworker.integrations
    SET enabled = false, disabled_reason = 'invalid configuration: ' || syncworker.cron_error(cron)
  WHERE enabled AND cron IS NOT NULL AND syncworker.cron_error(cron) IS NOT NULL;
 
--- Infinite due times could never be written through the wake-up trigger; keep none.
+-- Infinite due times could never be written through the wake-up trigger, and times beyond
+-- the year 9999 cannot be read by the worker; keep none.
 UPDATE syncworker.integrations
-   SET next_sync_at = CASE WHEN next_sync_at = '-infinity' THEN now() END
- WHERE NOT isfinite(next_sync_at);
+   SET next_sync_at = CASE WHEN next_sync_at < now() THEN now() END,
+       scheduled_sync_at = NULL
+ WHERE NOT isfinite(next_sync_at) OR NOT isfinite(scheduled_sync_at)
+    OR next_sync_at NOT BETWEEN '0001-01-02 00:00:00+00' AND '9999-12-30 00:00:00+00'
+    OR scheduled_sync_at NOT BETWEEN '0001-01-02 00:00:00+00' AND '9999-12-30 00:00:00+00';
 
 -- An infinite next_sync_at cannot be scheduled, and the wake-up trigger could not subtract it:
 -- refuse it with a message that says what to do instead.  Names are for people and for
@@ -123,8 +127,9 @@ UPDATE syncworker.integrations
 CREATE OR REPLACE FUNCTION syncworker.integrations_before_write() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  IF NOT isfinite(NEW.next_sync_at) THEN
-    RAISE EXCEPTION 'next_sync_at must be a finite time, got %', NEW.next_sync_at
+  IF NOT isfinite(NEW.next_sync_at)
+     OR NEW.next_sync_at NOT BETWEEN '0001-01-02 00:00:00+00' AND '9999-12-30 00:00:00+00' THEN
+    RAISE EXCEPTION 'next_sync_at must be a finite time between the years 1 and 9999, got %', NEW.next_sync_at
       USING ERRCODE = 'check_violation', CONSTRAINT = 'integrations_next_sync_at_finite',
             HINT = 'Use NULL for a job that only runs when triggered, or enabled = false to pause it.';
   END IF;

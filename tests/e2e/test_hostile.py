@@ -30,7 +30,12 @@ def runs_of(url: str, name: str) -> list[dict[str, Any]]:
 
 
 def job(url: str, name: str) -> dict[str, Any]:
-    return rows(url, "SELECT * FROM syncworker.integrations WHERE name = %s", (name,))[0]
+    return rows(
+        url,
+        "SELECT id, name, enabled, disabled_reason, last_error, retry_count, last_status "
+        "FROM syncworker.integrations WHERE name = %s",
+        (name,),
+    )[0]
 
 
 def assert_alive(procs: list[WorkerProcess]) -> None:
@@ -120,11 +125,12 @@ def test_the_database_rejects_a_cron_that_never_fires_a_huge_name_and_an_infinit
     with pytest.raises(psycopg.errors.CheckViolation, match="200 characters"):
         add_job(db, "x" * 9000, "sql", {"statement": "SELECT 1"}, interval_seconds=5)
     add_job(db, "ok", "sql", {"statement": "SELECT 1"}, interval_seconds=5)
-    for value in ("infinity", "-infinity"):
+    for value in ("infinity", "-infinity", "20000-01-01", "0100-01-01 BC"):
         with pytest.raises(psycopg.errors.CheckViolation, match="next_sync_at must be a finite time"):
             execute(db, "UPDATE syncworker.integrations SET next_sync_at = %s WHERE name = 'ok'", (value,))
         with pytest.raises(psycopg.errors.CheckViolation, match="next_sync_at must be a finite time"):
             add_job(db, f"inf{value}", "sql", {"statement": "SELECT 1"}, next_sync_at=value)
+    execute(db, "UPDATE syncworker.integrations SET next_sync_at = '9999-01-01' WHERE name = 'ok'")
 
 
 def test_a_row_written_before_the_checks_existed_is_disabled_not_looped(jobdb: str, tmp_path: Path) -> None:
@@ -378,3 +384,64 @@ def test_hostile_statements_in_sql_jobs_leak_no_lock_and_stall_no_other_job(
         assert counts[name]["abandoned"] <= 1, (name, counts[name])
     assert "run task crashed" not in output and "Traceback" not in output
     assert stuck == 0
+
+
+# -- odd values the database accepts but Python cannot read ---------------------------------------
+
+
+def test_a_config_nested_too_deep_for_python_fails_alone(jobdb: str, tmp_path: Path) -> None:
+    deep = "[" * 3000 + "]" * 3000
+    execute(
+        jobdb,
+        "INSERT INTO syncworker.integrations (name, kind, config, interval_seconds) "
+        "VALUES ('deep', 'sql', jsonb_build_object('statement', 'SELECT 1', 'x', %s::jsonb), 1), "
+        "('deep-rt', 'postgres', jsonb_build_object('realtime', true, 'x', %s::jsonb), 60)",
+        (deep, deep),
+    )
+    add_job(
+        jobdb, "control", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"}, interval_seconds=1
+    )
+    with workers(jobdb, tmp_path, 1) as procs:
+        for name in ("deep", "deep-rt"):
+            wait_for(lambda n=name: not job(jobdb, n)["enabled"], timeout=15, what=f"{name} disabled")
+        before = one(jobdb, "SELECT count(*) FROM public.ticks")
+        wait_for(
+            lambda: one(jobdb, "SELECT count(*) FROM public.ticks") >= before + 2,
+            timeout=10,
+            what="control runs",
+        )
+        assert_alive(procs)
+        output = procs[0].output()
+    assert "config could not be read (RecursionError" in job(jobdb, "deep")["disabled_reason"]
+    assert [r["status"] for r in runs_of(jobdb, "deep")] == ["failed"]
+    assert "Traceback" not in output
+
+
+def test_sighup_stops_the_worker_gracefully(jobdb: str, tmp_path: Path) -> None:
+    add_job(
+        jobdb, "control", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"}, interval_seconds=1
+    )
+    with workers(jobdb, tmp_path, 1) as (proc,):
+        wait_for(lambda: one(jobdb, "SELECT count(*) FROM public.ticks") >= 1, timeout=15, what="a run")
+        proc.proc.send_signal(signal.SIGHUP)
+        assert proc.proc.wait(30) == 0
+    assert one(jobdb, "SELECT count(*) FROM syncworker.workers WHERE stopped_at IS NULL") == 0
+
+
+def test_database_default_timeouts_do_not_cut_the_workers_own_sessions(jobdb: str, tmp_path: Path) -> None:
+    dbname = one(jobdb, "SELECT current_database()")
+    execute(
+        jobdb,
+        f'ALTER DATABASE "{dbname}" SET statement_timeout = 500; '
+        f'ALTER DATABASE "{dbname}" SET idle_session_timeout = 1000',
+    )
+    add_job(
+        jobdb, "control", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"}, interval_seconds=1
+    )
+    with workers(jobdb, tmp_path, 2) as procs:
+        time.sleep(6)
+        assert_alive(procs)
+        output = "".join(p.output() for p in procs)
+        ticks = one(jobdb, "SELECT count(*) FROM public.ticks")
+    assert ticks >= 4
+    assert "leader session lost" not in output and "listener lost" not in output, output[-3000:]

@@ -116,6 +116,15 @@ def worker_env(url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def die_with_parent() -> None:
+    """In a child process: be killed when the test process dies (a timeout, a Ctrl-C), so
+    that no worker outlives its test and keeps loading the machine."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class WorkerProcess:
     """A real `syncworker run` process whose output goes to a file."""
 
@@ -128,6 +137,7 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe
         )
 
     @property

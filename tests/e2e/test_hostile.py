@@ -445,3 +445,63 @@ def test_database_default_timeouts_do_not_cut_the_workers_own_sessions(jobdb: st
         ticks = one(jobdb, "SELECT count(*) FROM public.ticks")
     assert ticks >= 4
     assert "leader session lost" not in output and "listener lost" not in output, output[-3000:]
+
+
+def test_a_replica_that_lost_its_liveness_lock_has_its_sessions_cut_and_its_runs_rerun(
+    jobdb: str, tmp_path: Path
+) -> None:
+    # A replica alive but unreachable (frozen here) whose liveness session is gone: its run
+    # sessions would otherwise hold their locks for as long as the process is stuck.
+    add_job(jobdb, "sleepy", "sql", {"statement": "SELECT pg_sleep(120)"})
+    with workers(jobdb, tmp_path, 2) as procs:
+        first = wait_for(
+            lambda: [r for r in runs_of(jobdb, "sleepy") if r["status"] == "running" and r["pid"]],
+            timeout=20,
+            what="the run to start",
+        )[0]
+        lost = next(p for p in procs if p.pid == first["pid"])
+        worker_id = one(jobdb, "SELECT id FROM syncworker.workers WHERE pid = %s", (lost.pid,))
+        os.kill(lost.pid, signal.SIGSTOP)
+        try:
+            cut = one(
+                jobdb,
+                """SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+                    WHERE locktype = 'advisory' AND granted AND objsubid = 2
+                      AND classid = syncworker.lock_key('worker')::oid AND objid = %s::oid
+                      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
+                (worker_id,),
+            )
+            assert cut == 1
+            cut_at = time.monotonic()
+            wait_for(
+                lambda: [r for r in runs_of(jobdb, "sleepy")[1:] if r["trigger"] == "rescue"],
+                timeout=30,
+                what="the rerun on the other replica",
+            )
+            # 10 s of grace for a worker reconnecting its listener, then a rescue round.
+            assert time.monotonic() - cut_at < 16
+            marked = rows(
+                jobdb, "SELECT stopped_at, lost_at FROM syncworker.workers WHERE id = %s", (worker_id,)
+            )
+            assert marked[0]["stopped_at"] is not None and marked[0]["lost_at"] is not None
+            assert (
+                one(
+                    jobdb,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE %s",
+                    (f"syncworker% w{worker_id}",),
+                )
+                == 0
+            )
+        finally:
+            os.kill(lost.pid, signal.SIGCONT)
+        assert runs_of(jobdb, "sleepy")[0]["status"] == "abandoned"
+        # The replica comes back, reconnects and goes on working.
+        wait_for(
+            lambda: one(
+                jobdb, "SELECT stopped_at IS NULL FROM syncworker.workers WHERE id = %s", (worker_id,)
+            ),
+            timeout=60,
+            what="the replica to come back",
+        )
+        assert_alive(procs)

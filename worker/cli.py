@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="validate every integration's kind, config and schedule without running anything",
     )
+    from worker import ops_cli
+
+    ops_cli.add_commands(sub, common)
     return parser
 
 
@@ -137,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.database_url is not None and not args.database_url.strip():
         _fail("--database-url is empty")
     target = db.choose_database(args.database_url)
-    handler: Callable[[argparse.Namespace, db.Target], int] = COMMANDS[args.command]
+    handler: Callable[[argparse.Namespace, db.Target], int] = (
+        getattr(args, "handler", None) or COMMANDS[args.command]
+    )
     try:
         return handler(args, target)
     except SettingsError as exc:
@@ -266,7 +271,7 @@ def cmd_run(args: argparse.Namespace, target: db.Target) -> int:
 
 # Worst first: the order `syncworker status` lists health words in. A word this list does not
 # know yet ranks with the problems, before `pending` and `ok`.
-HEALTH_ORDER = ("disabled", "failing", "stale", "overrunning", "late", "degraded", "pending", "ok")
+HEALTH_ORDER = ("disabled", "paused", "failing", "stale", "overrunning", "late", "degraded", "pending", "ok")
 
 
 def _health_rank(health: str | None) -> float:

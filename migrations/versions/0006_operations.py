@@ -37,7 +37,7 @@ def downgrade() -> None:
     # The view of 0005 comes back from its file.
     previous = (HERE / "0005_hostile_rows.sql").read_text()
     op.execute("DROP VIEW syncworker.status")
-    op.execute("DROP FUNCTION syncworker.stale_after(integer, integer, text, timestamptz, timestamptz)")
+    op.execute("DROP FUNCTION syncworker.stale_after(integer, integer, text)")
     view = previous[previous.index("CREATE OR REPLACE VIEW syncworker.status AS") :]
     op.execute(view[: view.index(") e ON true;") + len(") e ON true;")])
     op.execute("ALTER TABLE syncworker.integrations DROP COLUMN stale_after_seconds")

@@ -6,9 +6,8 @@
 -- Set by syncworker.pause_job(); a paused job is a disabled one (enabled = false: never
 -- claimed) whose schedule is kept.  Cleared when the job is enabled again.
 ALTER TABLE syncworker.integrations ADD COLUMN paused_at timestamptz;
--- No success for longer than this makes the job `stale`.  NULL: three times its period (the
--- interval; for cron the time from the last success to the next slot, at least 24 hours); a
--- job with no schedule is never stale unless this is set.
+-- No success for longer than this makes the job `stale`.  NULL: three times its period (see
+-- syncworker.stale_after); a job with no schedule is never stale unless this is set.
 ALTER TABLE syncworker.integrations ADD COLUMN stale_after_seconds integer;
 ALTER TABLE syncworker.integrations
   ADD CONSTRAINT integrations_stale_after_positive CHECK (stale_after_seconds > 0);
@@ -31,15 +30,26 @@ $$;
 CREATE TRIGGER integrations_paused BEFORE INSERT OR UPDATE ON syncworker.integrations
   FOR EACH ROW EXECUTE FUNCTION syncworker.integrations_paused();
 
--- The period after which a job without a success is `stale` (NULL: never), in seconds.
-CREATE FUNCTION syncworker.stale_after(stale_after_seconds integer, interval_seconds integer, cron text,
-                                       next_sync_at timestamptz, last_success_at timestamptz) RETURNS bigint
-LANGUAGE sql STABLE AS $$
-  SELECT coalesce(stale_after_seconds::bigint,
-                  CASE WHEN interval_seconds IS NOT NULL THEN 3 * interval_seconds::bigint
-                       WHEN cron IS NOT NULL THEN greatest(
-                         86400, ceil(3 * coalesce(extract(epoch FROM next_sync_at - last_success_at), 0))::bigint)
-                  END)
+-- The period after which a job without a success is `stale` (NULL: never), in seconds:
+-- stale_after_seconds, else three times the job's period.  For cron the period is read from the
+-- coarsest field that is restricted: minute only = an hour, hour = a day, weekday = a week,
+-- day of month = 31 days, month = 366 days (the macros likewise).
+CREATE FUNCTION syncworker.stale_after(stale_after_seconds integer, interval_seconds integer, cron text)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT coalesce(stale_after_seconds::bigint, 3 * coalesce(interval_seconds::bigint, (
+    SELECT CASE WHEN cardinality(f) = 1 THEN
+                  CASE lower(f[1]) WHEN '@hourly' THEN 3600 WHEN '@daily' THEN 86400
+                                   WHEN '@midnight' THEN 86400 WHEN '@weekly' THEN 604800
+                                   WHEN '@monthly' THEN 2678400 ELSE 31622400 END
+                WHEN f[4] <> '*' THEN 31622400
+                WHEN f[3] <> '*' THEN 2678400
+                WHEN f[5] <> '*' THEN 604800
+                WHEN f[2] <> '*' THEN 86400
+                WHEN f[1] <> '*' THEN 3600
+                ELSE 60 END
+      FROM regexp_split_to_array(btrim(cron), '\s+') AS f
+     WHERE cron IS NOT NULL)))
 $$;
 
 -- Health words, worst first: disabled, paused, failing, stale, overrunning, late, degraded,
@@ -86,8 +96,7 @@ SELECT
   i.timeout_seconds
 FROM syncworker.integrations i
 CROSS JOIN LATERAL (
-  SELECT syncworker.stale_after(i.stale_after_seconds, i.interval_seconds, i.cron, i.next_sync_at,
-                                i.last_success_at) AS stale_after
+  SELECT syncworker.stale_after(i.stale_after_seconds, i.interval_seconds, i.cron) AS stale_after
 ) st
 LEFT JOIN syncworker.sync_runs r ON r.id = i.running_run_id
 LEFT JOIN LATERAL (

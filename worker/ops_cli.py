@@ -1,0 +1,210 @@
+"""Operator commands: pause, resume, enable, disable, resolve, runs, `status --watch`, and
+`--json` on every read.
+
+Every write is one call of a SQL function an operator could also run by hand
+(`syncworker.pause_job` and the others of schema 0006), so the command line and `psql` say
+and do the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from worker import cli, db
+from worker.queries import Q
+
+Handler = Callable[[argparse.Namespace, db.Target], int]
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the operator commands to the `syncworker` parser (`sub`: its subparsers)."""
+    pause = sub.add_parser(
+        "pause", parents=[common], help="stop a job's runs and keep its schedule (resume starts them again)"
+    )
+    pause.add_argument("name")
+    pause.add_argument("--reason", default=None, help="why, shown in status")
+    pause.set_defaults(handler=_write("pause_job", "name", "reason"))
+
+    resume = sub.add_parser("resume", parents=[common], help="run a paused job on its schedule again")
+    resume.add_argument("name")
+    resume.set_defaults(handler=_write("resume_job", "name"))
+
+    enable = sub.add_parser(
+        "enable", parents=[common], help="enable a disabled or paused job (clears its reason and retries)"
+    )
+    enable.add_argument("name")
+    enable.set_defaults(handler=_write("enable_job", "name"))
+
+    disable = sub.add_parser("disable", parents=[common], help="disable a job, saying why")
+    disable.add_argument("name")
+    disable.add_argument("--reason", required=True, help="why, shown in status")
+    disable.set_defaults(handler=_write("disable_job", "name", "reason"))
+
+    resolve = sub.add_parser("resolve", parents=[common], help="mark a job's unresolved errors resolved")
+    resolve.add_argument("name")
+    resolve.add_argument("--type", dest="error_type", default=None, help="only errors of this error_type")
+    resolve.set_defaults(handler=cmd_resolve)
+
+    runs = sub.add_parser("runs", parents=[common], help="the latest runs of every job, or those running now")
+    runs.add_argument("--running", action="store_true", help="only runs in progress")
+    runs.add_argument("--limit", type=cli._positive, default=50)
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    runs.set_defaults(handler=cmd_runs)
+
+    status = sub.choices["status"]
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=_seconds,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="print the status again every SECONDS (default 2) until Ctrl-C",
+    )
+    status.set_defaults(handler=cmd_status)
+
+    for name, reader in (("history", _history_json), ("errors", _errors_json)):
+        parser = sub.choices[name]
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        parser.set_defaults(handler=_json_or(cli.COMMANDS[name], reader))
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0.1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected between 0.1 and 86400 seconds, got {text!r}")
+    return value
+
+
+def _print_json(value: Any, *, indent: int | None = 2) -> None:
+    print(json.dumps(value, default=cli._json_default, indent=indent), flush=True)
+
+
+# -- writes: one SQL function each ------------------------------------------------------------------
+
+
+def _write(function: str, *params: str) -> Handler:
+    def handler(args: argparse.Namespace, target: db.Target) -> int:
+        with cli._connect(target) as conn:
+            row = conn.execute(Q[function], {p: getattr(args, p) for p in params}).fetchone()
+        assert row is not None
+        cli._say_database(target)
+        print(f"{args.name}: {row['result']}")
+        return 0
+
+    return handler
+
+
+def cmd_resolve(args: argparse.Namespace, target: db.Target) -> int:
+    with cli._connect(target) as conn:
+        row = conn.execute(Q["resolve_errors"], {"name": args.name, "error_type": args.error_type}).fetchone()
+    assert row is not None
+    cli._say_database(target)
+    kind = f" {args.error_type}" if args.error_type else ""
+    count = int(row["resolved"])
+    print(f"{args.name}: {count}{kind} error{'' if count == 1 else 's'} marked resolved")
+    return 0
+
+
+# -- reads --------------------------------------------------------------------------------------------
+
+
+def cmd_runs(args: argparse.Namespace, target: db.Target) -> int:
+    with cli._connect(target) as conn:
+        rows = conn.execute(Q["runs"], {"running": args.running, "limit": args.limit}).fetchall()
+    cli._say_database(target)
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no run in progress" if args.running else "no runs yet")
+        return 0
+    now = datetime.now(UTC)
+    print(
+        cli._table(
+            ["RUN", "INTEGRATION", "STATUS", "TRIGGER", "ATTEMPT", "WORKER", "STARTED", "DURATION", "ERROR"],
+            [
+                [
+                    str(r["id"]),
+                    r["name"],
+                    r["status"] + (" (past its timeout)" if r["past_timeout"] else ""),
+                    r["trigger"],
+                    str(r["attempt"]),
+                    _worker(r),
+                    cli._ago(r["started_at"], now),
+                    cli._ms(r["duration_ms"]),
+                    cli._short(r["error"] and f"{r['error_type']}: {r['error']}"),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
+def _worker(row: dict[str, Any]) -> str:
+    if row["worker_id"] is None:
+        return "-"
+    where = f"{row['hostname']}:{row['pid']}" if row["hostname"] else "gone"
+    return f"w{row['worker_id']} {where}"
+
+
+def cmd_status(args: argparse.Namespace, target: db.Target) -> int:
+    if args.watch is None:
+        return cli.cmd_status(args, target)
+    clear = sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            if clear:
+                print("\x1b[H\x1b[2J", end="")
+            else:
+                print(f"# {datetime.now(UTC).isoformat(timespec='seconds')}", file=sys.stderr)
+            if args.json:
+                _print_json(_status_rows(target), indent=None)
+            else:
+                cli.cmd_status(args, target)
+                sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _status_rows(target: db.Target) -> list[dict[str, Any]]:
+    with cli._connect(target) as conn:
+        rows = conn.execute(Q["status"]).fetchall()
+    rows.sort(key=lambda r: (cli._health_rank(r["health"]), r["name"]))
+    return rows
+
+
+def _json_or(table: Handler, reader: Callable[[argparse.Namespace, db.Target], Any]) -> Handler:
+    def handler(args: argparse.Namespace, target: db.Target) -> int:
+        if not args.json:
+            return table(args, target)
+        rows = reader(args, target)
+        cli._say_database(target)
+        _print_json(rows)
+        return 0
+
+    return handler
+
+
+def _history_json(args: argparse.Namespace, target: db.Target) -> list[dict[str, Any]]:
+    with cli._connect(target) as conn:
+        job = cli._integration(conn, args.name)
+        return conn.execute(Q["history"], {"integration_id": job["id"], "limit": args.limit}).fetchall()
+
+
+def _errors_json(args: argparse.Namespace, target: db.Target) -> list[dict[str, Any]]:
+    with cli._connect(target) as conn:
+        if args.name is not None:
+            cli._integration(conn, args.name)
+        return conn.execute(Q["unresolved_errors"], {"name": args.name, "limit": args.limit}).fetchall()

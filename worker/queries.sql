@@ -276,10 +276,6 @@ WITH gone AS (
 )
 SELECT id FROM gone;
 
--- name: schema_version
--- Is the schema there, and at which revision?
-SELECT to_regclass('syncworker.integrations') IS NOT NULL AS has_schema;
-
 -- name: status
 -- The status view, for `syncworker status` (which lists the worst first).
 SELECT name, kind, enabled, health, schedule, running, last_status, last_sync_at, next_sync_at,

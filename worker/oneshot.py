@@ -10,8 +10,9 @@ from psycopg.rows import dict_row
 
 from worker import db
 from worker.connectors.base import ConfigError, RunResult
+from worker.outcome import classify
 from worker.queries import Q
-from worker.runner import Job, Runner, classify
+from worker.runner import Job, Runner
 from worker.validate import problems
 
 

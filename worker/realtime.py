@@ -14,9 +14,9 @@ from psycopg.rows import TupleRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from worker import connectors, db, hooks, secrets
+from worker.outcome import config_problem
 from worker.queries import Q
 from worker.retry import Backoff
-from worker.runner import config_problem
 
 log = logging.getLogger("syncworker.realtime")
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import random
 import time
-import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,104 +17,16 @@ from psycopg.rows import TupleRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from worker import connectors, db, hooks, logs, schedule
-from worker.connectors.base import ConfigError, FencedError, RunContext, RunResult, SyncError
-from worker.cron import CronError
+from worker import connectors, hooks, logs, outcome, schedule
+from worker.connectors.base import ConfigError, FencedError, RecordError, RunContext, RunResult
 from worker.maintenance import Census
+from worker.outcome import Ending, Failure, Job, classify
 from worker.queries import Q
-from worker.secrets import SecretError, redact, redact_value
+from worker.secrets import redact
+
+__all__ = ["Job", "Runner"]
 
 log = logging.getLogger("syncworker.run")
-
-MAX_ERROR_TEXT = 2000
-
-
-@dataclass(frozen=True)
-class Job:
-    """A claimed integration row together with the run opened for it."""
-
-    id: int
-    name: str
-    kind: str
-    config: dict[str, Any]
-    state: dict[str, Any]
-    interval_seconds: int | None
-    cron: str | None
-    timezone: str
-    max_retries: int
-    retry_backoff_seconds: int
-    timeout_seconds: int
-    retry_count: int
-    run_id: int
-    trigger: str
-    attempt: int
-    scheduled_for: datetime | None
-    # When the run's session took the integration lock (database clock); None while
-    # the run still waits for its session to take it (`begin_run`).
-    locked_at: datetime | None
-    # Why the row's config or state could not be read, if it could not (see db.read_json).
-    unreadable: str | None = None
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Job:
-        values = dict(row)
-        values["unreadable"] = db.read_json(values, "config", "state")
-        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class Failure:
-    error_type: str
-    message: str
-    detail: str | None
-
-
-def classify(exc: BaseException, timed_out: bool) -> Failure:
-    """The stable error_type and a one-line message for an exception raised by a run."""
-    if timed_out:
-        return Failure("timeout", "the run exceeded timeout_seconds and was cancelled", None)
-    detail = redact("".join(traceback.format_exception(exc)))[-8000:]
-    if isinstance(exc, ConfigError):
-        return Failure("config_invalid", redact(str(exc)), None)
-    if isinstance(exc, SyncError):
-        error_type = exc.error_type
-    elif isinstance(exc, SecretError):
-        error_type = "secret_unavailable"
-    elif isinstance(exc, psycopg.OperationalError):
-        error_type = "connection"
-    elif isinstance(exc, psycopg.Error):
-        error_type = "sql_error"
-    elif isinstance(exc, OSError | ConnectionError):
-        error_type = "connection"
-    else:
-        error_type = "exception"
-    message = redact(f"{type(exc).__name__}: {exc}".strip().rstrip(":"))
-    return Failure(error_type, message[:MAX_ERROR_TEXT], detail)
-
-
-def alert(job: Job, failure: Failure | None, plan: schedule.Plan) -> str:
-    """The JSON payload of `NOTIFY syncworker_alerts` when a job is disabled (always well
-    under NOTIFY's 8000 bytes, whatever the name and the reason)."""
-    return json.dumps(
-        {
-            "integration": job.name[:200],
-            "integration_id": job.id,
-            "run_id": job.run_id,
-            "error_type": failure and failure.error_type[:100],
-            "reason": plan.disabled_reason and plan.disabled_reason[:1000],
-        }
-    )
-
-
-def config_problem(exc: BaseException) -> str:
-    """Why a job's row cannot be used, for `disabled_reason` (secrets masked).
-
-    ConfigError and ScheduleError name the field; anything else a connector's `validate`
-    raised is still a problem of that job's config, never of the worker.
-    """
-    if isinstance(exc, ConfigError | schedule.ScheduleError | CronError):
-        return redact(str(exc))
-    return redact(f"could not be read ({type(exc).__name__}: {exc})")[:MAX_ERROR_TEXT]
 
 
 class Runner:
@@ -266,108 +176,61 @@ class Runner:
             config = connector.validate(body)
             period = sched.period_seconds(clock.now())
         except Exception as exc:
-            problem = config_problem(exc)
-            slot = sched.next_slot_or_none(job.scheduled_for, clock.now()) if sched else None
-            plan = schedule.after_invalid_config(slot, job.retry_count, problem)
-            failure = Failure("config_invalid", problem, None)
-            log.error("invalid configuration: %s", failure.message)
-            return await self._finish(lock, job, "failed", RunResult(), plan, failure, [], following)
+            ending = outcome.bad_row(job, sched, clock.now(), exc)
+            log.error("invalid configuration: %s", ending.failure and ending.failure.message)
+            return await self._finish(lock, job, ending, RunResult(), [], 0, following)
 
         ctx = self._context(conn, job, config)
         ctx.period_seconds = period
-
-        async def checkpoint(state: dict[str, Any]) -> None:
-            cur = await conn.execute(
-                Q["save_state"], {"state": Jsonb(state), "integration_id": job.id, "run_id": job.run_id}
-            )
-            if await cur.fetchone() is None:
-                raise FencedError(f"run {job.run_id} is no longer the live run of {job.name}")
-            await conn.execute(b"SET LOCAL synchronous_commit = on")
-            await conn.commit()
-            await conn.execute(b"BEGIN")
-
-        ctx._checkpoint = checkpoint
+        ctx._checkpoint = functools.partial(self._checkpoint, conn, job)
         deadline = asyncio.timeout(job.timeout_seconds)
         try:
             async with deadline:
                 result = await connector.run(ctx)
-        except asyncio.CancelledError:
-            # The worker is shutting down: hand the job back for an immediate rerun.
-            self.census.finishing(job.run_id)
-            await conn.rollback()
-            await conn.execute(
-                Q["abandon_run"],
-                {"run_id": job.run_id, "reason": "the worker shut down before the run finished"},
-            )
-            log.warning("run abandoned: the worker is shutting down")
-            raise
-        except FencedError as exc:
-            await conn.rollback()
-            log.warning("run fenced off, nothing committed: %s", exc)
-            return None
-        except Exception as exc:
-            if conn.broken:
+        except BaseException as exc:
+            interrupted = outcome.interruption(exc)
+            if interrupted is None and not isinstance(exc, Exception):
+                raise
+            if interrupted is None and conn.broken:
                 raise psycopg.OperationalError(str(exc)) from exc
             await conn.rollback()
+            if interrupted == "shutdown":  # hand the job back for an immediate rerun
+                self.census.finishing(job.run_id)
+                reason = "the worker shut down before the run finished"
+                await conn.execute(Q["abandon_run"], {"run_id": job.run_id, "reason": reason})
+                log.warning("run abandoned: the worker is shutting down")
+                raise
+            if interrupted == "fenced":
+                log.warning("run fenced off, nothing committed: %s", exc)
+                return None
             failure = classify(exc, timed_out=deadline.expired())
             log.error("run failed (%s): %s", failure.error_type, failure.message)
-            plan = self._plan_failure(job, sched, clock, failure)
+            ending = outcome.failed(
+                job, sched, clock.now(), failure, rand=self.rand(), max_backoff=self.max_backoff
+            )
             return await self._finish(
-                lock,
-                job,
-                "failed",
-                RunResult(),
-                plan,
-                failure,
-                ctx.errors,
-                following,
-                failed_records=ctx.failed_records,
+                lock, job, ending, RunResult(), ctx.errors, ctx.failed_records, following
             )
 
-        status = "partial" if ctx.failed_records else "success"
-        try:
-            plan = schedule.after_success(sched, job.scheduled_for, clock.now())
-        except CronError as exc:  # a cron that stopped firing: the data stays, the job stops
-            plan = schedule.after_invalid_config(None, 0, config_problem(exc))
+        ending = outcome.succeeded(job, sched, clock.now(), ctx.failed_records)
         # Hooks run after the commit on this session: the next claim waits for them.
-        final = await self._finish(
-            lock,
-            job,
-            status,
-            result,
-            plan,
-            None,
-            ctx.errors,
-            None if after_success else following,
-            failed_records=ctx.failed_records,
-        )
+        chained = None if after_success else following
+        final = await self._finish(lock, job, ending, result, ctx.errors, ctx.failed_records, chained)
         if after_success and final in ("success", "partial"):
             await self._after_success(conn, job, after_success)
         return final
 
-    def _plan_failure(
-        self, job: Job, sched: schedule.Schedule | None, clock: _DbClock, failure: Failure
-    ) -> schedule.Plan:
-        """What a failed run means for its job: a retry later, or disabled."""
-        slot_or_none = sched.next_slot_or_none(job.scheduled_for, clock.now()) if sched else None
-        if failure.error_type == "config_invalid":
-            return schedule.after_invalid_config(slot_or_none, job.retry_count, failure.message)
-        try:
-            if sched is None:
-                sched = schedule.Schedule.from_row(job.interval_seconds, job.cron, job.timezone)
-            return schedule.after_failure(
-                sched,
-                job.scheduled_for,
-                clock.now(),
-                retry_count=job.retry_count,
-                max_retries=job.max_retries,
-                backoff_seconds=job.retry_backoff_seconds,
-                rand=self.rand(),
-                error=failure.message,
-                max_backoff=self.max_backoff,
-            )
-        except (schedule.ScheduleError, CronError) as exc:
-            return schedule.after_invalid_config(None, job.retry_count, config_problem(exc))
+    @staticmethod
+    async def _checkpoint(conn: AsyncConnection[TupleRow], job: Job, state: dict[str, Any]) -> None:
+        """A connector's checkpoint: its work so far and `state` commit together, fenced."""
+        cur = await conn.execute(
+            Q["save_state"], {"state": Jsonb(state), "integration_id": job.id, "run_id": job.run_id}
+        )
+        if await cur.fetchone() is None:
+            raise FencedError(f"run {job.run_id} is no longer the live run of {job.name}")
+        await conn.execute(b"SET LOCAL synchronous_commit = on")
+        await conn.commit()
+        await conn.execute(b"BEGIN")
 
     async def _after_success(self, conn: AsyncConnection[TupleRow], job: Job, todo: list[hooks.Hook]) -> None:
         """Post-success hooks, once the run's data is committed; failures are recorded, not fatal."""
@@ -378,7 +241,7 @@ class Runner:
                     "integration_id": job.id,
                     "run_id": job.run_id,
                     "error_type": "hook_failed",
-                    "message": message[:MAX_ERROR_TEXT],
+                    "message": outcome.text(message),
                     "detail": None,
                     "record_key": None,
                     "context": Jsonb({}),
@@ -389,13 +252,11 @@ class Runner:
         self,
         lock: _Lock,
         job: Job,
-        status: str,
+        ending: Ending,
         result: RunResult,
-        plan: schedule.Plan,
-        failure: Failure | None,
-        record_errors: list[Any],
+        record_errors: list[RecordError],
+        failed_records: int,
         following: _NextClaim | None,
-        failed_records: int = 0,
     ) -> str:
         """Record the run's end, its errors and the job's next slot in one fenced transaction,
         and claim the session's next job (`following`) in the same round trip.
@@ -406,9 +267,9 @@ class Runner:
         """
         try:
             return await self._commit_finish(
-                lock, job, status, result, plan, failure, record_errors, following, failed_records
+                lock, job, ending, result, record_errors, failed_records, following
             )
-        except (psycopg.OperationalError, psycopg.errors.SerializationFailure):
+        except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
             conn = lock.conn
@@ -416,75 +277,31 @@ class Runner:
                 raise psycopg.OperationalError(str(exc)) from exc
             await conn.rollback()
             await conn.execute(Q["release_stray_locks"], {"keep": job.id})
-            problem = classify(exc, timed_out=False)
-            failure = Failure(
-                problem.error_type, f"the run could not be recorded: {problem.message}"[:MAX_ERROR_TEXT], None
-            )
+            failure = outcome.not_recorded(classify(exc, timed_out=False))
             log.error("%s", failure.message)
-            plan = self._plan_failure(job, None, await _DbClock.read(conn), failure)
-            return await self._commit_finish(lock, job, "failed", RunResult(), plan, failure, [], None)
+            clock = await _DbClock.read(conn)
+            ending = outcome.failed(
+                job, None, clock.now(), failure, rand=self.rand(), max_backoff=self.max_backoff
+            )
+            return await self._commit_finish(lock, job, ending, RunResult(), [], 0, None)
 
     async def _commit_finish(
         self,
         lock: _Lock,
         job: Job,
-        status: str,
+        ending: Ending,
         result: RunResult,
-        plan: schedule.Plan,
-        failure: Failure | None,
-        record_errors: list[Any],
+        record_errors: list[RecordError],
+        failed_records: int,
         following: _NextClaim | None,
-        failed_records: int = 0,
     ) -> str:
-        base = {"integration_id": job.id, "run_id": job.run_id, "context": Jsonb({})}
         rows = [
-            {
-                **base,
-                "error_type": _text(e.error_type, 100),
-                "message": _text(e.message),
-                "detail": e.detail and _text(e.detail, 8000),
-                "record_key": e.record_key and _text(e.record_key),
-                "context": Jsonb(redact_value(e.context)),
-            }
-            for e in record_errors
+            {**row, "context": Jsonb(row["context"])}
+            for row in outcome.error_rows(job, ending, record_errors, failed_records)
         ]
-        if failed_records > len(record_errors):
-            rows.append(
-                {
-                    **base,
-                    "error_type": "record_invalid",
-                    "record_key": None,
-                    "detail": None,
-                    "message": f"{failed_records - len(record_errors)} more failed records not kept",
-                }
-            )
-        if failure is not None:
-            rows.append(
-                {
-                    **base,
-                    "error_type": failure.error_type,
-                    "message": failure.message,
-                    "detail": failure.detail,
-                    "record_key": None,
-                }
-            )
-        params = {
-            "run_id": job.run_id,
-            "status": status,
-            "records_processed": result.records_processed,
-            "records_failed": failed_records,
-            "records_inserted": result.inserted,
-            "records_updated": result.updated,
-            "records_deleted": result.deleted,
-            "error_type": failure and failure.error_type,
-            "error": failure and failure.message,
-            "state": None if result.state is None else Jsonb(result.state),
-            "retry_count": plan.retry_count,
-            "disabled_reason": plan.disabled_reason,
-            "next_sync_at": plan.next_sync_at,
-            "slot": plan.slot,
-            "scheduled_sync_at": plan.scheduled_sync_at,
-        }
+        params = outcome.finish_params(job, ending, result, failed_records)
+        if params["state"] is not None:
+            params["state"] = Jsonb(params["state"])
         conn = lock.conn
         self.census.finishing(job.run_id)
         try:
@@ -501,8 +318,8 @@ class Runner:
                 if rows:
                     await cur.executemany(Q["record_error"], rows)
                 await cur.execute(Q["finish_run"], params)
-                if plan.disabled_reason:
-                    await cur.execute(Q["send_alert"], {"payload": alert(job, failure, plan)})
+                if ending.plan.disabled_reason:
+                    await cur.execute(Q["send_alert"], {"payload": outcome.alert(job, ending)})
                 if following is None:
                     await cur.execute(b"COMMIT")
                 else:
@@ -518,20 +335,17 @@ class Runner:
         except psycopg.errors.SerializationFailure as exc:
             log.warning("run fenced off at commit, nothing committed: %s", exc.diag.message_primary)
             return "abandoned"
-        if plan.disabled_reason:
-            log.error("job disabled: %s", plan.disabled_reason)
-            log.info(
-                "run finished: %s, %s records, %s failed", status, result.records_processed, failed_records
-            )
+        self._log_end(ending, result, failed_records)
+        return ending.status
+
+    @staticmethod
+    def _log_end(ending: Ending, result: RunResult, failed_records: int) -> None:
+        done = f"run finished: {ending.status}, {result.records_processed} records, {failed_records} failed"
+        if ending.plan.disabled_reason:
+            log.error("job disabled: %s", ending.plan.disabled_reason)
+            log.info("%s", done)
         else:
-            log.info(
-                "run finished: %s, %s records, %s failed, next at %s",
-                status,
-                result.records_processed,
-                failed_records,
-                plan.next_sync_at,
-            )
-        return status
+            log.info("%s, next at %s", done, ending.plan.next_sync_at)
 
     async def _fail_elsewhere(self, job: Job, failure: Failure) -> None:
         """Finish `job`'s run as failed from a control session (its own session is closed);
@@ -540,9 +354,13 @@ class Runner:
         self.census.finishing(job.run_id)
         try:
             async with self.pool.connection() as conn:
-                plan = self._plan_failure(job, None, await _DbClock.read(conn), failure)
-                lock = _Lock(conn, job.id, held=False)
-                await self._commit_finish(lock, job, "failed", RunResult(), plan, failure, [], None)
+                clock = await _DbClock.read(conn)
+                ending = outcome.failed(
+                    job, None, clock.now(), failure, rand=self.rand(), max_backoff=self.max_backoff
+                )
+                await self._commit_finish(
+                    _Lock(conn, job.id, held=False), job, ending, RunResult(), [], 0, None
+                )
         except Exception:
             log.exception("could not record the failed run; the rescuer will hand the job back")
 
@@ -559,11 +377,6 @@ class Runner:
             except psycopg.OperationalError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-
-def _text(value: str, limit: int = MAX_ERROR_TEXT) -> str:
-    """An error text as stored: secrets masked, capped, and without NUL (text cannot hold it)."""
-    return redact(str(value)).replace("\x00", "\\0")[:limit]
 
 
 class _NextClaim:

@@ -25,7 +25,7 @@ def problems(row: Mapping[str, Any], *, resolve_secrets: bool = False) -> Proble
     Parsed exactly as the runner parses it (schedule, after_success, the connector's
     config).  With `resolve_secrets`, every secret reference in the config is also read.
     """
-    from worker.runner import config_problem
+    from worker.outcome import config_problem
 
     if isinstance(row["config"], str):  # as the queries send it
         row = dict(row)

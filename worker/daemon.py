@@ -19,10 +19,11 @@ from worker import db
 from worker.alarm import Alarm
 from worker.listener import Listener
 from worker.maintenance import Census, Heartbeat, Leadership, PruneLoop, Pruner, RescueLoop, Rescuer
+from worker.metrics import MeasuredRunner, Metrics
 from worker.queries import Q
 from worker.realtime import Realtime
 from worker.retry import Backoff
-from worker.runner import Job, Runner
+from worker.runner import Job
 from worker.settings import Settings
 from worker.systemd import Notifier, watchdog_interval
 
@@ -90,7 +91,14 @@ class Worker:
         self.census = Census(self._announce_runs)
         self.rescue = RescueLoop(Rescuer(self.pool), settings.rescue_interval)
         self._announcing: set[asyncio.Task[None]] = set()
-        self.runner = Runner(self.run_pool, self.pool, max_backoff=settings.max_backoff, census=self.census)
+        self.metrics = Metrics(settings.concurrency)
+        self.runner = MeasuredRunner(
+            self.run_pool,
+            self.pool,
+            max_backoff=settings.max_backoff,
+            census=self.census,
+            metrics=self.metrics,
+        )
         self.listener = Listener(
             self.url,
             self.alarm,
@@ -256,6 +264,7 @@ class Worker:
     # -- start and stop ---------------------------------------------------------------
 
     async def _start(self) -> None:
+        await self._start_http()
         first = await self._connect_first()
         worker_id = self.listener.worker_id
         assert worker_id is not None
@@ -298,6 +307,23 @@ class Worker:
             db.describe_target(self.url),
         )
         self.notifier.ready(f"worker {self.listener.worker_id} running")
+
+    async def _start_http(self) -> None:
+        """--http: listen before anything else, so that a bad address or a port in use stops the
+        start with one line; then serve, supervised, until shutdown cancels it."""
+        self.metrics.watch(
+            leader=lambda: self.leadership.is_leader, listener_connected=self.listener.connected.is_set
+        )
+        if not self.settings.http:
+            return
+        from worker.web import HttpError, HttpServer
+
+        try:
+            server = HttpServer(self, self.settings.http, insecure=self.settings.http_insecure)
+            await server.bind()
+        except HttpError as exc:
+            raise StartupError(str(exc)) from None
+        self._service(server.run, "http")
 
     async def _connect_first(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         target = db.describe_target(self.url)

@@ -57,6 +57,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     runs.set_defaults(handler=cmd_runs)
 
+    # `run --http-insecure` is a plain switch (its variable takes true or false).
+    for action in sub.choices["run"]._actions:
+        if action.dest == "http_insecure":
+            action.nargs = "?"
+            action.const = "true"
+            action.metavar = "true|false"
+
     status = sub.choices["status"]
     status.add_argument(
         "--watch",

@@ -398,3 +398,32 @@ SELECT r.id, i.name, r.status, r.trigger, r.attempt, r.worker_id, w.hostname, w.
  WHERE NOT %(running)s OR r.status = 'running'
  ORDER BY r.started_at DESC, r.id DESC
  LIMIT %(limit)s;
+
+-- name: fleet
+-- --http (/metrics, /health, the status page): every job's status, unresolved errors by type
+-- and the replicas, in one statement (times as Unix seconds).
+SELECT
+  (SELECT coalesce(json_agg(json_build_object(
+            'name', s.name, 'kind', s.kind, 'enabled', s.enabled, 'health', s.health,
+            'schedule', s.schedule, 'running', s.running,
+            'running_since_epoch', extract(epoch FROM s.running_since),
+            'last_status', s.last_status, 'last_sync_epoch', extract(epoch FROM s.last_sync_at),
+            'last_success_epoch', extract(epoch FROM s.last_success_at),
+            'next_sync_epoch', extract(epoch FROM s.next_sync_at), 'retry_count', s.retry_count,
+            'runs_24h', s.runs_24h, 'success_rate_24h', s.success_rate_24h,
+            'mean_duration_ms_24h', s.mean_duration_ms_24h, 'unresolved_errors', s.unresolved_errors,
+            'last_duration_ms', s.last_duration_ms,
+            'problem', left(coalesce(s.disabled_reason, s.last_error), 500),
+            'stale_after_seconds', s.stale_after_seconds) ORDER BY s.name), '[]'::json)
+     FROM syncworker.status s) AS jobs,
+  (SELECT coalesce(json_object_agg(e.error_type, e.n), '{}'::json)
+     FROM (SELECT error_type, count(*) AS n FROM syncworker.sync_errors
+            WHERE NOT resolved GROUP BY error_type) e) AS errors,
+  (SELECT coalesce(json_agg(json_build_object(
+            'id', w.id, 'hostname', w.hostname, 'pid', w.pid, 'version', w.version,
+            'mode', w.mode, 'concurrency', w.concurrency, 'running', w.running, 'leader', w.leader,
+            'heartbeat_epoch', extract(epoch FROM w.heartbeat_at),
+            'started_epoch', extract(epoch FROM w.started_at),
+            'alive', syncworker.lock_held('worker', w.id)) ORDER BY w.id), '[]'::json)
+     FROM syncworker.workers w WHERE w.stopped_at IS NULL) AS workers,
+  extract(epoch FROM now())::float8 AS db_now;

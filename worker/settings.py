@@ -41,6 +41,27 @@ def one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def http_address(text: str) -> str:
+    """HOST:PORT, [IPv6]:PORT or a bare PORT (which binds 127.0.0.1); "" or "off": no server."""
+    from worker.webaddress import parse_address
+
+    if text.strip().lower() in ("", "off"):
+        return ""
+    try:
+        host, port = parse_address(text)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def boolean(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"expected true or false, got {text!r}")
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -94,6 +115,19 @@ SETTINGS = [
     Setting("max_backoff", 21600.0, positive_float, "longest delay between retries of a failing job"),
     Setting("log_format", "text", one_of("text", "json"), "text or json (one object per line)"),
     Setting("log_level", "info", one_of("debug", "info", "warning", "error"), "log level"),
+    Setting(
+        "http",
+        "",
+        http_address,
+        "serve /healthz, /readyz, /health, /metrics and the status page on HOST:PORT "
+        "(a bare PORT binds 127.0.0.1); off when empty",
+    ),
+    Setting(
+        "http_insecure",
+        False,
+        boolean,
+        "allow --http on a non-loopback address without SYNCWORKER_HTTP_TOKEN",
+    ),
 ]
 
 
@@ -109,6 +143,8 @@ class Settings:
     max_backoff: float = 21600.0
     log_format: str = "text"
     log_level: str = "info"
+    http: str = ""
+    http_insecure: bool = False
     database_url: str = ""
 
     @classmethod

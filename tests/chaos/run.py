@@ -116,7 +116,8 @@ def machine() -> list[str]:
         f"{platform.system()} {platform.release()}",
         f"- Python {platform.python_version()}, psycopg {psycopg.__version__}, "
         f"PostgreSQL {one(ADMIN_URL, 'SHOW server_version')}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min) at the end",
         f"- code: {code_version()}",
     ]
 

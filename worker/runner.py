@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from worker import connectors, hooks, logs, outcome, schedule
-from worker.connectors.base import ConfigError, FencedError, RecordError, RunContext, RunResult
+from worker.connectors.base import ConfigError, FencedError, RecordError, RunContext, RunResult, is_fence
 from worker.maintenance import Census
 from worker.outcome import Ending, Failure, Job, classify
 from worker.queries import Q
@@ -332,7 +332,9 @@ class Runner:
                 await following.collect()
                 if following.job is not None:
                     self.census.claimed([following.job.run_id], replacing=True)
-        except psycopg.errors.SerializationFailure as exc:
+        except psycopg.Error as exc:
+            if not is_fence(exc):
+                raise
             log.warning("run fenced off at commit, nothing committed: %s", exc.diag.message_primary)
             return "abandoned"
         self._log_end(ending, result, failed_records)

@@ -46,6 +46,7 @@ def downgrade() -> None:
         ("CREATE FUNCTION syncworker.integrations_before_write()", "$$;\n"),
         ("CREATE FUNCTION syncworker.lock_held(", "$$;\n"),
         ("CREATE FUNCTION syncworker.abandon_run(", "$$;\n"),
+        ("CREATE FUNCTION syncworker.fenced(", "$$;\n"),
     ):
         body = initial[initial.index(start) :]
         body = body[: body.index(end, body.index("$$") + 2) + len(end)]

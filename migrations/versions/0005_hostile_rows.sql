@@ -298,3 +298,13 @@ EXCEPTION WHEN insufficient_privilege THEN
   RETURN false;
 END
 $$;
+
+-- A fence has a SQLSTATE of its own (SWF01), so that a real serialization failure is never
+-- mistaken for one.
+CREATE OR REPLACE FUNCTION syncworker.fenced(run_id bigint) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  RAISE EXCEPTION 'run % is no longer the live run of its integration; nothing of it is committed', run_id
+    USING ERRCODE = 'SWF01';
+END
+$$;

@@ -240,3 +240,17 @@ def test_run_once_wakes_the_leader_as_its_run_starts(jobdb: str) -> None:
         assert run(jobdb, "manual").status == "success"
         started = [n for n in listener.notifies(timeout=0.5) if "runs_started" in n.payload]
     assert len(started) == 1
+
+
+def test_a_fence_has_its_own_sqlstate_and_a_serialization_failure_is_not_one(jobdb: str) -> None:
+    from worker.connectors.base import FENCED_SQLSTATE, is_fence
+
+    with psycopg.connect(jobdb, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as fenced:
+            conn.execute("SELECT syncworker.fenced(1)")
+        with pytest.raises(psycopg.errors.SerializationFailure) as conflict:
+            conn.execute(
+                "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure'; END $$"
+            )
+    assert fenced.value.sqlstate == FENCED_SQLSTATE and is_fence(fenced.value)
+    assert not is_fence(conflict.value)

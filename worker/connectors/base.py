@@ -45,6 +45,15 @@ class FencedError(Exception):
     """This run is no longer the live run of its integration: it must not commit anything."""
 
 
+# The SQLSTATE `syncworker.fenced()` raises: the one place a database error becomes a fence.
+FENCED_SQLSTATE = "SWF01"
+
+
+def is_fence(exc: BaseException) -> bool:
+    """Is `exc` the database saying that the run is fenced off (`syncworker.fenced()`)?"""
+    return isinstance(exc, FencedError) or getattr(exc, "sqlstate", None) == FENCED_SQLSTATE
+
+
 @dataclass
 class RunResult:
     """What a connector reports when it finishes.

@@ -73,3 +73,20 @@ def redis_prefix() -> Iterator[str]:
             client.unlink(key)
     finally:
         client.close()
+
+
+@pytest.fixture
+def jobdb(db: str) -> Iterator[str]:
+    """A migrated database with the tables the test jobs write to (tests/jobs.py)."""
+    from helpers import execute
+
+    execute(
+        db,
+        """
+        CREATE TABLE public.job_events (id bigserial PRIMARY KEY, integration text, run_id bigint,
+                                        event text, pid int, at timestamptz DEFAULT clock_timestamp());
+        CREATE TABLE public.job_rows (id bigserial PRIMARY KEY, run_id bigint);
+        CREATE TABLE public.ticks (id bigserial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp());
+    """,
+    )
+    yield db

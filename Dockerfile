@@ -19,5 +19,11 @@ USER syncworker
 # seconds (10 by default): give -t, --stop-timeout or compose's stop_grace_period more than
 # the grace period. A schema the worker cannot run on exits with status 78.
 STOPSIGNAL SIGTERM
+# --http serves /healthz, /readyz, /health, /metrics and the status page. On 127.0.0.1 it only
+# answers the HEALTHCHECK; to scrape it from outside set SYNCWORKER_HTTP=0.0.0.0:9650 and
+# SYNCWORKER_HTTP_TOKEN (or SYNCWORKER_HTTP_INSECURE=true on a private network).
+ENV SYNCWORKER_HTTP=127.0.0.1:9650
+EXPOSE 9650
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 CMD ["syncworker", "healthcheck"]
 ENTRYPOINT ["syncworker"]
 CMD ["run"]

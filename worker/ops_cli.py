@@ -57,6 +57,15 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     runs.set_defaults(handler=cmd_runs)
 
+    check = sub.add_parser(
+        "healthcheck",
+        parents=[common],
+        help="exit 0 if this host's worker answers on its --http address (/healthz), else 1",
+    )
+    check.add_argument("--http", default=None, help="the worker's --http address (default SYNCWORKER_HTTP)")
+    check.add_argument("--timeout", type=_seconds, default=5.0)
+    check.set_defaults(handler=cmd_healthcheck)
+
     # `run --http-insecure` is a plain switch (its variable takes true or false).
     for action in sub.choices["run"]._actions:
         if action.dest == "http_insecure":
@@ -215,3 +224,29 @@ def _errors_json(args: argparse.Namespace, target: db.Target) -> list[dict[str, 
         if args.name is not None:
             cli._integration(conn, args.name)
         return conn.execute(Q["unresolved_errors"], {"name": args.name, "limit": args.limit}).fetchall()
+
+
+def cmd_healthcheck(args: argparse.Namespace, target: db.Target) -> int:
+    """For a container's HEALTHCHECK: GET /healthz on the worker of this host (no database)."""
+    import os
+    import urllib.request
+
+    from worker.settings import http_address
+    from worker.webaddress import parse_address
+
+    address = http_address(args.http if args.http is not None else os.environ.get("SYNCWORKER_HTTP", ""))
+    if not address:
+        raise cli.CliError(
+            "no --http address: set SYNCWORKER_HTTP as for `syncworker run`", names_database=True
+        )
+    host, port = parse_address(address)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    url = f"http://[{host}]:{port}/healthz" if ":" in host else f"http://{host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            ok = response.status == 200
+    except OSError as exc:
+        raise cli.CliError(f"{url}: {exc}", names_database=True) from None
+    print(f"{url}: {'ok' if ok else 'not ok'}")
+    return 0 if ok else 1

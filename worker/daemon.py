@@ -8,7 +8,7 @@ import math
 import os
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import AsyncConnection
@@ -26,6 +26,9 @@ from worker.retry import Backoff
 from worker.runner import Job
 from worker.settings import Settings
 from worker.systemd import Notifier, watchdog_interval
+
+if TYPE_CHECKING:
+    from worker.alerts import AlertLoop
 
 log = logging.getLogger("syncworker.worker")
 
@@ -76,6 +79,7 @@ class Worker:
         self._services: list[asyncio.Task[None]] = []
         self.realtime: Realtime | None = None
         self.heartbeat: Heartbeat | None = None
+        self.alerting: AlertLoop | None = None  # the leader delivers alerts (SYNCWORKER_ALERT_*)
         # Session options name the worker once it is registered (`_start`).
         self.pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
             self.url, min_size=1, max_size=2, open=False, name="control"
@@ -234,6 +238,8 @@ class Worker:
                 self._service(pruning.run, "pruner"),
                 self._service(self.realtime.run, "realtime sources"),
             ]
+            if self.alerting is not None:
+                self._leader_tasks.append(self._service(self.alerting.run, "alerts"))
         elif not leader:
             for task in self._leader_tasks:
                 task.cancel()
@@ -310,7 +316,18 @@ class Worker:
 
     async def _start_http(self) -> None:
         """--http: listen before anything else, so that a bad address or a port in use stops the
-        start with one line; then serve, supervised, until shutdown cancels it."""
+        start with one line; then serve, supervised, until shutdown cancels it.  The alert
+        settings are read here too: malformed ones stop the start the same way."""
+        from worker.alerts import AlertConfig, AlertConfigError, AlertLoop
+
+        try:
+            alerts = AlertConfig.from_env()
+        except AlertConfigError as exc:
+            raise StartupError(str(exc)) from None
+        if alerts.channels:
+            self.alerting = AlertLoop(
+                self.pool, alerts, self.metrics, retention_days=self.settings.retention_days
+            )
         self.metrics.watch(
             leader=lambda: self.leadership.is_leader, listener_connected=self.listener.connected.is_set
         )

@@ -427,3 +427,83 @@ SELECT
             'alive', syncworker.lock_held('worker', w.id)) ORDER BY w.id), '[]'::json)
      FROM syncworker.workers w WHERE w.stopped_at IS NULL) AS workers,
   extract(epoch FROM now())::float8 AS db_now;
+
+-- name: alerts_scan
+-- Leader, alert delivery: open an incident for each job disabled, failing %(failures)s times or
+-- more in a row, stale or overrunning, and for each run rescued in the last hour (not one a
+-- graceful stop handed back); close the incidents whose condition is over; forget closed ones
+-- older than the retention.
+WITH jobs AS MATERIALIZED (
+  SELECT s.id, s.name, s.health, s.retry_count, s.disabled_reason, s.last_error, s.last_success_at,
+         s.running_since, s.stale_after_seconds
+    FROM syncworker.status s
+), conditions AS MATERIALIZED (
+  SELECT j.id, c.kind, left(c.summary, 2000) AS summary
+    FROM jobs j
+   CROSS JOIN LATERAL (VALUES
+     ('disabled', j.health = 'disabled',
+      format('%%s is disabled: %%s', j.name, coalesce(j.disabled_reason, 'no reason given'))),
+     ('failing', j.retry_count >= %(failures)s,
+      format('%%s has failed %%s times in a row: %%s', j.name, j.retry_count, coalesce(j.last_error, '-'))),
+     ('stale', j.health = 'stale',
+      format('%%s has had no success since %%s (stale after %%s s)', j.name,
+             coalesce(to_char(j.last_success_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
+                      'it was created'),
+             j.stale_after_seconds)),
+     ('overrunning', j.health = 'overrunning',
+      format('%%s has been running since %%s', j.name,
+             to_char(j.running_since AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"')))
+   ) AS c(kind, active, summary)
+   WHERE c.active
+), opened AS (
+  INSERT INTO syncworker.alerts (kind, integration_id, summary)
+  SELECT kind, id, summary FROM conditions
+  ON CONFLICT (integration_id, kind) WHERE closed_at IS NULL AND kind <> 'rescued' DO NOTHING
+  RETURNING id
+), closed AS (
+  UPDATE syncworker.alerts a SET closed_at = now()
+   WHERE a.closed_at IS NULL AND a.kind <> 'rescued'
+     AND NOT EXISTS (SELECT 1 FROM conditions c WHERE c.id = a.integration_id AND c.kind = a.kind)
+  RETURNING a.id
+), rescued AS (
+  INSERT INTO syncworker.alerts (kind, integration_id, run_id, summary, opened_at, closed_at)
+  SELECT 'rescued', r.integration_id, r.id,
+         left(format('run %%s of %%s was rescued and its job runs again: %%s', r.id, i.name, r.error), 2000),
+         r.finished_at, r.finished_at
+    FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id
+   WHERE r.status = 'abandoned' AND r.finished_at > now() - interval '1 hour'
+     AND r.error IS DISTINCT FROM 'the worker shut down before the run finished'
+  ON CONFLICT (run_id) WHERE kind = 'rescued' DO NOTHING
+  RETURNING id
+), pruned AS (
+  DELETE FROM syncworker.alerts
+   WHERE closed_at < now() - make_interval(days => %(retention_days)s)
+     AND sent_at IS NOT NULL AND (recovery_sent_at IS NOT NULL OR kind = 'rescued')
+  RETURNING id
+)
+SELECT (SELECT count(*) FROM opened) AS opened, (SELECT count(*) FROM closed) AS closed,
+       (SELECT count(*) FROM rescued) AS rescued, (SELECT count(*) FROM pruned) AS pruned;
+
+-- name: alerts_pending
+-- Leader, alert delivery: the messages still to send, oldest first (event open, recovered, or
+-- skip: an incident over before its first message went out).
+SELECT a.id, a.kind, a.integration_id, i.name AS integration, a.run_id, a.summary,
+       a.opened_at, a.closed_at,
+       CASE WHEN a.sent_at IS NULL AND (a.closed_at IS NULL OR a.kind = 'rescued') THEN 'open'
+            WHEN a.sent_at IS NULL THEN 'skip'
+            ELSE 'recovered' END AS event
+  FROM syncworker.alerts a JOIN syncworker.integrations i ON i.id = a.integration_id
+ WHERE a.sent_at IS NULL
+    OR (a.closed_at IS NOT NULL AND a.recovery_sent_at IS NULL AND a.kind <> 'rescued')
+ ORDER BY a.opened_at, a.id
+ LIMIT 200;
+
+-- name: alert_delivered
+-- Leader, alert delivery: a message went out (or was given up), or an attempt failed.
+UPDATE syncworker.alerts
+   SET sent_at = CASE WHEN %(opened)s THEN coalesce(sent_at, now()) ELSE sent_at END,
+       recovery_sent_at = CASE WHEN %(recovered)s THEN coalesce(recovery_sent_at, now())
+                               ELSE recovery_sent_at END,
+       attempts = attempts + %(attempts)s,
+       last_error = coalesce(%(error)s, last_error)
+ WHERE id = %(id)s;

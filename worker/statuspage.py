@@ -117,7 +117,7 @@ function drawSummary(data) {
   box.replaceChildren();
   const counts = data.jobs_by_health || {};
   const items = [
-    ["jobs", data.jobs],
+    ["jobs", data.jobs_total],
     ["runs 24 h", data.runs_24h],
     ["success 24 h", data.success_rate_24h === null || data.success_rate_24h === undefined
       ? "-" : Math.round(data.success_rate_24h * 100) + "%"],
@@ -195,6 +195,7 @@ async function refresh() {
     document.getElementById("updated").textContent =
       "updated " + new Date().toLocaleTimeString();
     document.body.dataset.loaded = "true";
+    document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
   } catch (err) {
     overall.textContent = "unreachable";
     overall.dataset.status = "unreachable";
@@ -203,6 +204,12 @@ async function refresh() {
   }
 }
 
+function layout() {
+  document.body.dataset.layout = window.matchMedia("(max-width: 700px)").matches ? "cards" : "table";
+}
+
+layout();
+window.addEventListener("resize", layout);
 refresh();
 setInterval(refresh, REFRESH_MS);
 """

@@ -294,7 +294,7 @@ def summarize(snap: Snapshot | None, replica: dict[str, Any]) -> dict[str, Any]:
         "success_rate_24h": round(ok_runs / runs, 3) if runs else None,
         "mean_duration_ms_24h": round(duration_sum / duration_weight) if duration_weight else None,
         "runs_24h": int(runs),
-        "jobs": len(snap.jobs),
+        "jobs_total": len(snap.jobs),
         "jobs_by_health": by_health,
         "last_success_at": _iso(last_success),
         "workers_alive": len(alive),

@@ -13,3 +13,6 @@ SELECT i.name, e.error_type, count(*) AS errors, max(e.created_at) AS latest,
 -- UPDATE syncworker.sync_errors SET resolved = true
 --  WHERE NOT resolved
 --    AND integration_id = (SELECT id FROM syncworker.integrations WHERE name = 'nightly-orders');
+-- The same, as `syncworker resolve nightly-orders [--type timeout]` does it (returns how many):
+-- SELECT syncworker.resolve_errors('nightly-orders');             -- every type
+-- SELECT syncworker.resolve_errors('nightly-orders', 'timeout');  -- one error_type

@@ -5,6 +5,6 @@ SELECT name, kind, health, schedule, last_status, last_sync_at,
        retry_count, runs_24h, success_rate_24h, mean_duration_ms_24h, unresolved_errors,
        coalesce(disabled_reason, last_error) AS problem
   FROM syncworker.status
- ORDER BY coalesce(array_position(ARRAY['disabled', 'failing', 'stale', 'overrunning', 'late',
-                                        'degraded', 'pending', 'ok'], health), 6.5),
+ ORDER BY coalesce(array_position(ARRAY['disabled', 'paused', 'failing', 'stale', 'overrunning',
+                                        'late', 'degraded', 'pending', 'ok'], health), 7.5),
           name;

@@ -7,6 +7,8 @@ UPDATE syncworker.integrations
    SET interval_seconds = NULL, cron = '30 2 * * *', timezone = 'Europe/Berlin', next_sync_at = now()
  WHERE name = 'example-refresh-kpis';
 
--- Pause and resume a job.
-UPDATE syncworker.integrations SET enabled = false WHERE name = 'example-refresh-kpis';
-UPDATE syncworker.integrations SET enabled = true WHERE name = 'example-refresh-kpis';
+-- Pause and resume a job (`syncworker pause` / `resume`): a paused job keeps its schedule,
+-- shows health `paused`, and a run in progress finishes.  resume_job runs it on its schedule
+-- again.  (enable_job / disable_job(name, reason) and `UPDATE ... SET enabled` work too.)
+SELECT syncworker.pause_job('example-refresh-kpis', 'upstream maintenance until 14:00');
+SELECT syncworker.resume_job('example-refresh-kpis');

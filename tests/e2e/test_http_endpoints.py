@@ -197,3 +197,11 @@ def test_no_wide_address_without_a_token(jobdb: str) -> None:
     result = run_briefly(jobdb, SYNCWORKER_HTTP="0.0.0.0:1")
     one_line_error(result, "not a loopback address and SYNCWORKER_HTTP_TOKEN is not set")
     assert "--http-insecure" in result.stderr
+
+
+def test_http_insecure_allows_a_wide_address(jobdb: str, tmp_path: Path) -> None:
+    port = free_port()
+    with workers(jobdb, tmp_path, 1, "--http", f"0.0.0.0:{port}", "--http-insecure") as (proc,):
+        wait_for(lambda: serving(port), timeout=30, what="/healthz on 0.0.0.0")
+        assert get(port, "/metrics")[0] == 200  # no token: anyone who reaches it may read
+        assert proc.terminate() == 0

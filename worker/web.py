@@ -129,7 +129,9 @@ class HttpServer:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path if request.match_info.route.resource is not None else "other"
         response: web.StreamResponse
-        if self._in_flight.locked():
+        if path == "/healthz":  # liveness answers even when the other endpoints are busy
+            response = await handler(request)
+        elif self._in_flight.locked():
             response = _text("busy\n", 503, headers={"Retry-After": "1"})
         elif path not in PUBLIC and not self._authorized(request):
             # Browsers ask for basic auth (the token is the password); API clients send a bearer token.

@@ -89,6 +89,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         parser = sub.choices[name]
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
         parser.set_defaults(handler=_json_or(cli.COMMANDS[name], reader))
+    for name, reporter in (("check", _check_json), ("verify", _verify_json)):
+        parser = sub.choices[name]
+        parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
+        parser.set_defaults(handler=_json_report_or(cli.COMMANDS[name], reporter))
 
 
 def _seconds(text: str) -> float:
@@ -250,3 +254,50 @@ def cmd_healthcheck(args: argparse.Namespace, target: db.Target) -> int:
         raise cli.CliError(f"{url}: {exc}", names_database=True) from None
     print(f"{url}: {'ok' if ok else 'not ok'}")
     return 0 if ok else 1
+
+
+def _json_report_or(lines: Handler, reporter: Handler) -> Handler:
+    def handler(args: argparse.Namespace, target: db.Target) -> int:
+        return reporter(args, target) if args.json else lines(args, target)
+
+    return handler
+
+
+def _check_json(args: argparse.Namespace, target: db.Target) -> int:
+    """`check --json`: {"valid": N, "invalid": [...], "unchecked": [...]}; exit 1 if any is invalid."""
+    from worker.validate import problems
+
+    with cli._connect(target) as conn:
+        rows = conn.execute(Q["all_integrations"]).fetchall()
+    cli._say_database(target)
+    found = [(row["name"], problem) for row in rows if (problem := problems(row, resolve_secrets=True))]
+    invalid = [{"name": name, "problem": p.message} for name, p in found if not p.local]
+    unchecked = [{"name": name, "problem": p.message} for name, p in found if p.local]
+    _print_json({"valid": len(rows) - len(found), "invalid": invalid, "unchecked": unchecked})
+    return 1 if invalid else 0
+
+
+def _verify_json(args: argparse.Namespace, target: db.Target) -> int:
+    """`verify --json`: both sides' row counts and checksums and the keys that differ."""
+    from worker.mirror_tools import ToolError, verify
+
+    try:
+        cfg = cli._postgres_job(target, args.name)
+        report = verify(cfg, target.url)
+    except ToolError as exc:
+        raise cli.CliError(str(exc)) from None
+    cli._say_database(target)
+    _print_json(
+        {
+            "name": args.name,
+            "ok": report.ok,
+            "source": {"rows": report.source.rows, "checksum": report.source.checksum},
+            "destination": {"rows": report.destination.rows, "checksum": report.destination.checksum},
+            "missing": report.missing,
+            "extra": report.extra,
+            "changed": report.changed,
+            "compared_buckets": report.compared_buckets,
+            "mismatched_buckets": report.mismatched_buckets,
+        }
+    )
+    return 0 if report.ok else 1

@@ -226,3 +226,52 @@ def test_stale_health_and_recovery(jobdb: str) -> None:
     assert health(jobdb, "every-minute") == "failing"
     listed = cli(jobdb, "status").stdout.splitlines()[1:]
     assert [line.split()[0] for line in listed] == ["every-minute", "by-hand", "nightly"]
+
+
+def test_check_json(jobdb: str) -> None:
+    add_job(jobdb, "good", "sql", {"statement": "select 1"})
+    add_job(jobdb, "typo", "sqll", {"statement": "select 1"})
+    add_job(jobdb, "badimport", "python", {"callable": "jobs_missing:run"})
+    result = cli(jobdb, "check", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["valid"] == 1
+    assert [(r["name"], r["problem"].split(":")[0]) for r in report["invalid"]] == [("typo", "kind")]
+    assert [r["name"] for r in report["unchecked"]] == ["badimport"]
+    execute(jobdb, "DELETE FROM syncworker.integrations WHERE name = 'typo'")
+    assert cli(jobdb, "check", "--json").returncode == 0
+
+
+def test_verify_json(jobdb: str) -> None:
+    from helpers import create_database, drop_database
+
+    name, source = create_database()
+    try:
+        execute(
+            source, "CREATE TABLE public.orders (id int PRIMARY KEY, updated_at timestamptz DEFAULT now())"
+        )
+        execute(source, "INSERT INTO public.orders (id) SELECT generate_series(1, 20)")
+        config = {
+            "source": {
+                "dsn": {"env": "TEST_SOURCE_DSN"},
+                "table": "orders",
+                "key": "id",
+                "updated_at": "updated_at",
+            },
+            "destination": {"table": "orders_copy", "key": "id", "create_table": True},
+        }
+        add_job(jobdb, "orders", "postgres", config)
+        env = {"TEST_SOURCE_DSN": source}
+        os.environ["TEST_SOURCE_DSN"] = source
+        try:
+            assert asyncio.run(run_once(jobdb, "orders")).status == "success"
+        finally:
+            del os.environ["TEST_SOURCE_DSN"]
+        execute(jobdb, "DELETE FROM public.orders_copy WHERE id = 7")
+        result = cli(jobdb, "verify", "orders", "--json", env=env)
+        assert result.returncode == 1, result.stderr
+        report = json.loads(result.stdout)
+        assert report["ok"] is False and report["missing"] == ["7"]
+        assert (report["source"]["rows"], report["destination"]["rows"]) == (20, 19)
+    finally:
+        drop_database(name)

@@ -24,6 +24,7 @@ from worker.queries import Q
 from worker.realtime import Realtime
 from worker.retry import Backoff
 from worker.runner import Job
+from worker.service import supervise
 from worker.settings import Settings
 from worker.systemd import Notifier, watchdog_interval
 
@@ -206,7 +207,7 @@ class Worker:
     # -- events from the services -------------------------------------------------------
 
     def _on_runs_started(self) -> None:
-        self.rescue.runs_started.set()
+        self.rescue.wake()
 
     def _on_realtime_jobs(self) -> None:
         if self.realtime is not None:
@@ -249,21 +250,9 @@ class Worker:
         self.alarm.ring_now()
 
     def _service(self, run: Callable[[], Coroutine[Any, Any, None]], name: str) -> asyncio.Task[None]:
-        """Start a background service and keep it running: a service that fails (a bug, a row
-        nobody expected) is logged and started again with backoff; the worker goes on."""
-
-        async def supervise() -> None:
-            backoff = Backoff(initial=0.5, maximum=30.0)
-            while True:
-                try:
-                    await run()
-                    return
-                except Exception:
-                    delay = backoff.next()
-                    log.exception("service %s failed; starting it again in %.1fs", name, delay)
-                    await asyncio.sleep(delay)
-
-        task = asyncio.create_task(supervise(), name=name)
+        """Start a background service, supervised: a failure is logged and the service started
+        again with backoff; the worker goes on."""
+        task = asyncio.create_task(supervise(run, name), name=name)
         self._services.append(task)
         return task
 
@@ -286,8 +275,8 @@ class Worker:
         self.leadership.application_name = f"syncworker leader w{worker_id}"
         await self.pool.open()
         await self.run_pool.open()
-        listener_first: list[Any] = [first]
-        self._service(lambda: self.listener.run(listener_first.pop() if listener_first else None), "listener")
+        self.listener.adopt(first)
+        self._service(self.listener.run, "listener")
         self.heartbeat = Heartbeat(
             self.pool,
             worker_id,
@@ -391,10 +380,12 @@ class Worker:
                 await asyncio.gather(*pending, return_exceptions=True)
         # A service may start another while it is being cancelled (leadership won
         # at the last moment): cancel until none is left.
+        # A cancellation can also be swallowed by a library waiting inside the task (a pool
+        # handing out a connection): cancel again until every one has ended.
         while running := [t for t in [*self._services, *self._announcing] if not t.done()]:
             for task in running:
                 task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            await asyncio.wait(running, timeout=1)
         try:
             async with self.pool.connection(timeout=5) as conn:
                 await conn.execute(Q["stop_worker"], {"worker_id": self.listener.worker_id})

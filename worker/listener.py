@@ -8,26 +8,29 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
 from worker import __version__, db
 from worker.alarm import Alarm
 from worker.queries import Q
-from worker.retry import Backoff
+from worker.service import SessionService
 
 log = logging.getLogger("syncworker.listener")
 
 CHANNEL = "syncworker"
 
 
-class Listener:
+class Listener(SessionService):
     """Registers the worker once, then keeps a LISTEN session alive for as long as it runs.
 
     Every (re)connect takes the worker lock again (the proof, for the leader's
     rescuer, that this worker is alive) and rings the alarm, because NOTIFYs
     sent while disconnected are lost.
     """
+
+    name = "listener"
 
     def __init__(
         self,
@@ -47,6 +50,7 @@ class Listener:
         self.on_realtime_jobs = on_realtime_jobs
         self.worker_id: int | None = None
         self.connected = asyncio.Event()
+        self._first: psycopg.AsyncConnection[Any] | None = None
 
     async def connect_once(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         conn = await psycopg.AsyncConnection.connect(
@@ -74,28 +78,27 @@ class Listener:
             raise
         return conn
 
-    async def run(self, first: psycopg.AsyncConnection[tuple[object, ...]] | None = None) -> None:
-        backoff = Backoff(initial=0.2, maximum=5.0)
-        conn = first
-        while True:
-            try:
-                if conn is None:
-                    conn = await self.connect_once()
-                    log.info("listener reconnected")
-                self.connected.set()
-                backoff.reset()
-                self.alarm.ring_now()
-                async for notify in conn.notifies():
-                    self.handle(notify.payload)
-            except psycopg.OperationalError as exc:
-                self.connected.clear()
-                delay = backoff.next()
-                log.warning("listener lost its connection (%s); reconnecting in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-            finally:
-                if conn is not None:
-                    await conn.close()
-                    conn = None
+    def adopt(self, first: psycopg.AsyncConnection[Any]) -> None:
+        """Serve this session (from `connect_once`, at start-up) before making new ones."""
+        self._first = first
+
+    async def connect(self) -> psycopg.AsyncConnection[Any]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        conn = await self.connect_once()
+        log.info("listener reconnected")
+        return conn
+
+    async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.connected.set()
+        # NOTIFYs sent while this worker was not listening are lost: look at the table now.
+        self.alarm.ring_now()
+        async for notify in conn.notifies():
+            self.handle(notify.payload)
+
+    def lost(self) -> None:
+        self.connected.clear()
 
     def handle(self, payload: str) -> None:
         try:

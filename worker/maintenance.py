@@ -1,8 +1,9 @@
 """Background services: heartbeat, leader election, the rescuer (every replica) and the
 leader's pruner.
 
-Each service has a `run_once()` that does one round and returns what it did,
-so tests can drive it directly; `run()` loops it.
+Each is a `worker.service` Service (a round at a time) or SessionService (one session,
+reconnected); the rescuer and the pruner also have a `run_once()` that returns what it did,
+so tests can drive them directly.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
@@ -19,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from worker import db
 from worker.queries import Q
-from worker.retry import Backoff
+from worker.service import Service, SessionService
 
 log = logging.getLogger("syncworker.maintenance")
 
@@ -37,8 +39,10 @@ LEADER_IDLE_TIMEOUT = 3.0
 PRUNE_BATCH = 5000
 
 
-class Heartbeat:
+class Heartbeat(Service):
     """Writes heartbeat_at, the number of running jobs and the leader flag to syncworker.workers."""
+
+    name = "heartbeat"
 
     def __init__(
         self,
@@ -48,36 +52,24 @@ class Heartbeat:
         running: Callable[[], int],
         leader: Callable[[], bool],
     ) -> None:
+        super().__init__()
         self.pool, self.worker_id, self.interval = pool, worker_id, interval
         self.running, self.leader = running, leader
-        self._soon = asyncio.Event()
 
     def beat_soon(self) -> None:
         """Write now rather than at the next interval (e.g. leadership changed)."""
-        self._soon.set()
+        self.wake()
 
-    async def run_once(self) -> None:
+    async def round(self) -> float:
         async with self.pool.connection() as conn:
             await conn.execute(
                 Q["heartbeat"],
                 {"worker_id": self.worker_id, "running": self.running(), "leader": self.leader()},
             )
-
-    async def run(self) -> None:
-        while True:
-            self._soon.clear()
-            try:
-                await self.run_once()
-            except psycopg.OperationalError as exc:
-                log.warning("heartbeat failed: %s", exc)
-            try:
-                async with asyncio.timeout(self.interval):
-                    await self._soon.wait()
-            except TimeoutError:
-                pass
+        return self.interval
 
 
-class Leadership:
+class Leadership(SessionService):
     """Holds the leader lock on a session of its own.
 
     Standbys block in pg_advisory_lock, so a dead leader is replaced the moment
@@ -86,6 +78,8 @@ class Leadership:
     sleeps in short statements, and the server ends it once it sits idle between
     them for longer than `LEADER_IDLE_TIMEOUT` (idle_session_timeout).
     """
+
+    name = "leader"
 
     def __init__(self, url: str, on_change: Callable[[bool], None]) -> None:
         self.url = url
@@ -99,29 +93,28 @@ class Leadership:
             log.info("this worker is now %s", "the leader" if leader else "a standby")
             self.on_change(leader)
 
+    async def connect(self) -> psycopg.AsyncConnection[Any]:
+        idle = f"{LEADER_IDLE_TIMEOUT:g}s"
+        return await psycopg.AsyncConnection.connect(
+            self.url,
+            autocommit=True,
+            **db.session_kwargs(self.url, self.application_name, idle_session_timeout=idle),
+        )
+
+    async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(Q["wait_for_leadership"])
+        self._set(True)
+        while True:  # fails as soon as the session does
+            await conn.execute(Q["stay_leader"], {"seconds": LEADER_SLEEP})
+
+    def lost(self) -> None:
+        self._set(False)
+
     async def run(self) -> None:
-        backoff = Backoff(initial=0.2, maximum=5.0)
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.url,
-                    autocommit=True,
-                    **db.session_kwargs(
-                        self.url, self.application_name, idle_session_timeout=f"{LEADER_IDLE_TIMEOUT:g}s"
-                    ),
-                ) as conn:
-                    await conn.execute(Q["wait_for_leadership"])
-                    backoff.reset()
-                    self._set(True)
-                    while True:  # fails as soon as the session does
-                        await conn.execute(Q["stay_leader"], {"seconds": LEADER_SLEEP})
-            except psycopg.OperationalError as exc:
-                self._set(False)
-                delay = backoff.next()
-                log.warning("leader session lost (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-            finally:
-                self._set(False)
+        try:
+            await super().run()
+        finally:
+            self._set(False)
 
 
 @dataclass(frozen=True)
@@ -226,54 +219,36 @@ class Census:
         return len(self._runs)
 
 
-class RescueLoop:
+class RescueLoop(Service):
     """Every replica rescues, so that rescue never waits on one process being healthy: often
-    while runs exist anywhere, and otherwise only when woken (`runs_started`)."""
+    while runs exist anywhere, and otherwise only when woken (a claim's `runs_started`)."""
+
+    name = "rescuer"
 
     def __init__(self, rescuer: Rescuer, rescue_interval: float) -> None:
+        super().__init__()
         self.rescuer = rescuer
         self.rescue_interval = rescue_interval
-        self.runs_started = asyncio.Event()
+        self._idle = False
 
-    async def run(self) -> None:
-        backoff = Backoff(initial=0.5, maximum=10.0)
-        while True:
-            try:
-                self.runs_started.clear()
-                report = await self.rescuer.run_once()
-                backoff.reset()
-            except psycopg.OperationalError as exc:
-                delay = backoff.next()
-                log.warning("rescue failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            if report.running:
-                await asyncio.sleep(self.rescue_interval)
-            else:
-                try:
-                    async with asyncio.timeout(IDLE_RESCUE_INTERVAL):
-                        await self.runs_started.wait()
-                except TimeoutError:
-                    pass
-                # Give a just-started run a moment to take its lock before looking.
-                await asyncio.sleep(self.rescue_interval)
+    async def round(self) -> float:
+        if self._idle:  # woken by a run that just started: give it a moment to take its lock
+            await asyncio.sleep(self.rescue_interval)
+        report = await self.rescuer.run_once()
+        self._idle = not report.running
+        return IDLE_RESCUE_INTERVAL if self._idle else self.rescue_interval
 
 
-class PruneLoop:
+class PruneLoop(Service):
     """The leader prunes old history hourly."""
 
+    name = "pruner"
+    retry_maximum = 60.0
+
     def __init__(self, pruner: Pruner) -> None:
+        super().__init__()
         self.pruner = pruner
 
-    async def run(self) -> None:
-        backoff = Backoff(initial=0.5, maximum=60.0)
-        while True:
-            try:
-                await self.pruner.run_once()
-                backoff.reset()
-            except psycopg.OperationalError as exc:
-                delay = backoff.next()
-                log.warning("pruning failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            await asyncio.sleep(PRUNE_INTERVAL)
+    async def round(self) -> float:
+        await self.pruner.run_once()
+        return PRUNE_INTERVAL

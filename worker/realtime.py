@@ -7,6 +7,7 @@ import functools
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, sql
@@ -16,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from worker import connectors, db, hooks, secrets
 from worker.outcome import config_problem
 from worker.queries import Q
-from worker.retry import Backoff
+from worker.service import Service, SessionService, supervise
 
 log = logging.getLogger("syncworker.realtime")
 
@@ -69,42 +70,44 @@ async def load_sources(pool: Pool) -> Sources:
     return {key: dict(value) for key, value in found.items()}
 
 
-class SourceListener:
+class SourceListener(SessionService):
     """One LISTEN session on one source database, reconnecting with backoff."""
+
+    name = "realtime source"
+    retry_initial, retry_maximum = 0.5, 30.0
 
     def __init__(self, dsn: str, channel: str, on_change: Callable[[str], None]) -> None:
         self.dsn = dsn
         self.channel = channel
         self.on_change = on_change
+        self.name = f"realtime source {db.describe_target(dsn)}"
 
-    async def run(self) -> None:
-        backoff = Backoff(initial=0.5, maximum=30.0)
-        target = db.describe_target(self.dsn)
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True, **db.connect_kwargs("syncworker realtime")
-                ) as conn:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                    log.info("listening for changes on %s (channel %s)", target, self.channel)
-                    backoff.reset()
-                    # Changes made while we were away are caught by the job's scheduled run
-                    # and its lookback; one run now covers the gap sooner.
-                    self.on_change("*")
-                    async for notify in conn.notifies():
-                        self.on_change(notify.payload)
-            except Exception as exc:  # a refused login, a bad channel...: keep trying, say why
-                delay = backoff.next()
-                log.warning(
-                    "lost %s (%s); listening again in %.1fs", target, db.connection_problem(exc), delay
-                )
-                await asyncio.sleep(delay)
+    async def connect(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(
+            self.dsn, autocommit=True, **db.connect_kwargs("syncworker realtime")
+        )
+
+    async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        log.info("listening for changes on %s (channel %s)", db.describe_target(self.dsn), self.channel)
+        # Changes made while nobody listened are caught by the job's scheduled run and its
+        # lookback; one run now covers the gap sooner.
+        self.on_change("*")
+        async for notify in conn.notifies():
+            self.on_change(notify.payload)
 
 
-class Realtime:
-    """Leader service: keeps one SourceListener per source and turns bursts into run requests."""
+class Realtime(Service):
+    """Leader service: keeps one SourceListener per source and turns bursts into run requests.
+
+    It reads the jobs again when woken (`reload_soon`: a real-time job was added, changed,
+    enabled or disabled) and at least every RELOAD_SECONDS.
+    """
+
+    name = "realtime"
 
     def __init__(self, pool: Pool, loader: Callable[[Pool], Awaitable[Sources]] = load_sources) -> None:
+        super().__init__()
         self.pool = pool
         self.loader = loader
         self.sources: Sources = {}
@@ -112,11 +115,10 @@ class Realtime:
         self.pending: set[int] = set()
         self._flush: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[int]] = set()
-        self._reload = asyncio.Event()
 
     def reload_soon(self) -> None:
         """A real-time job was added or changed: read the jobs again now."""
-        self._reload.set()
+        self.wake()
 
     def changed(self, key: tuple[str, str], payload: str) -> None:
         payloads = self.sources.get(key, {})
@@ -154,21 +156,17 @@ class Realtime:
         for key in self.sources:
             if key not in self.listeners:
                 listener = SourceListener(key[0], key[1], functools.partial(self.changed, key))
-                self.listeners[key] = asyncio.create_task(listener.run(), name=f"realtime {key[1]}")
+                self.listeners[key] = asyncio.create_task(
+                    supervise(listener.run, listener.name), name=f"realtime {key[1]}"
+                )
+
+    async def round(self) -> float:
+        await self.reload()
+        return RELOAD_SECONDS
 
     async def run(self) -> None:
         try:
-            while True:
-                self._reload.clear()
-                try:
-                    await self.reload()
-                except Exception as exc:
-                    log.warning("could not read the real-time jobs: %s", db.connection_problem(exc))
-                try:
-                    async with asyncio.timeout(RELOAD_SECONDS):
-                        await self._reload.wait()
-                except TimeoutError:
-                    pass
+            await super().run()
         finally:
             for task in self.listeners.values():
                 task.cancel()

@@ -505,3 +505,18 @@ def test_a_replica_that_lost_its_liveness_lock_has_its_sessions_cut_and_its_runs
             what="the replica to come back",
         )
         assert_alive(procs)
+
+
+def test_a_job_blocking_in_a_thread_does_not_keep_a_stopped_worker_alive(jobdb: str, tmp_path: Path) -> None:
+    add_job(jobdb, "blocker", "python", {"callable": "jobs:sleep_blocking", "options": {"seconds": 120}})
+    with workers(jobdb, tmp_path, 1, "--grace-period", "1") as (proc,):
+        wait_for(
+            lambda: one(jobdb, "SELECT count(*) FROM public.job_events WHERE event = 'start'"),
+            timeout=20,
+            what="the job to start",
+        )
+        proc.proc.send_signal(signal.SIGTERM)
+        # the grace period, then the run is handed back and the process ends, thread or not
+        assert proc.proc.wait(15) == 0
+    run = runs_of(jobdb, "blocker")[0]
+    assert run["status"] == "abandoned" and "shut down" in run["error"]

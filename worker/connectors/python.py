@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
 import importlib
 import inspect
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +78,7 @@ class PythonConnector(Connector):
             if inspect.iscoroutinefunction(func):
                 returned = await func(ctx)
             else:
-                returned = await asyncio.to_thread(func, ctx)
+                returned = await _in_daemon_thread(func, ctx)
             if inspect.isawaitable(returned):
                 returned = await returned
         except (SystemExit, KeyboardInterrupt) as exc:
@@ -83,6 +87,35 @@ class PythonConnector(Connector):
                 f"{config.target} raised {type(exc).__name__}({exc})", error_type="exception"
             ) from None
         return _as_result(returned, config.target)
+
+
+async def _in_daemon_thread(func: Callable[..., Any], *args: Any) -> Any:
+    """`func(*args)` in a thread of its own, awaited.
+
+    A daemon thread: a function that never returns (or outlives its timeout, which cannot
+    stop a thread) does not keep a worker that is stopping alive, as a thread of asyncio's
+    default executor would.  Context variables (the log's job and run) go with it.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not done.done():
+            outcome()
+
+    def call() -> None:
+        try:
+            result = context.run(func, *args)
+        except BaseException as exc:
+            report = functools.partial(settle, functools.partial(done.set_exception, exc))
+        else:
+            report = functools.partial(settle, functools.partial(done.set_result, result))
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(report)
+
+    threading.Thread(target=call, name=f"job {getattr(func, '__name__', func)}", daemon=True).start()
+    return await done
 
 
 def _as_result(returned: Any, target: str) -> RunResult:

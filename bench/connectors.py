@@ -154,7 +154,7 @@ def postgres_config() -> dict[str, Any]:
 def bench_postgres(rows: int, sample: int) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     with database() as source, database() as dest:
-        from worker.migrate import upgrade
+        from worker.db.migrate import upgrade
 
         upgrade(dest)
         fill(source, rows)
@@ -186,7 +186,7 @@ def bench_postgres(rows: int, sample: int) -> list[tuple[str, str, str]]:
 
 def bench_postgres_rss(rows: int) -> tuple[str, str, str]:
     with database() as source, database() as dest:
-        from worker.migrate import upgrade
+        from worker.db.migrate import upgrade
 
         upgrade(dest)
         fill(source, rows)
@@ -215,7 +215,7 @@ def bench_http(records: int) -> tuple[str, str, str]:
     import httpx
 
     with http_server(records) as base, database() as dest:
-        from worker.migrate import upgrade
+        from worker.db.migrate import upgrade
 
         upgrade(dest)
         config = {
@@ -260,7 +260,7 @@ def bench_redis(members: int) -> tuple[str, str, str]:
                 chunk = range(start, min(members, start + 50_000))
                 client.zadd(f"{prefix}{set_name}", {f"player{i}": i * 1.5 for i in chunk})
         with database() as dest:
-            from worker.migrate import upgrade
+            from worker.db.migrate import upgrade
 
             upgrade(dest)
             config = {

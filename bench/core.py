@@ -218,7 +218,7 @@ def main() -> None:
     url = db_url(name)
     rows: list[tuple[str, str, str]] = []
     try:
-        from worker.migrate import upgrade
+        from worker.db.migrate import upgrade
 
         upgrade(url)
 

@@ -40,7 +40,7 @@ def empty_db() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def migrated_template() -> Iterator[str]:
     """A database migrated to head once per session, used as a template."""
-    from worker.migrate import upgrade
+    from worker.db.migrate import upgrade
 
     name, url = create_database()
     try:

@@ -14,9 +14,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from worker import db, hooks, secrets
+from worker import db, secrets
 from worker.connectors import get
 from worker.connectors.postgres import CHANNEL, PostgresConfig, qualified_name
+from worker.run import hooks
 
 # Keys compared one by one only within this many mismatching hash buckets.
 BUCKETS = 256

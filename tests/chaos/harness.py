@@ -234,7 +234,7 @@ class Cluster:
     """A migrated database of its own and the replicas started against it."""
 
     def __init__(self, workdir: Path, **env: str) -> None:
-        from worker.migrate import upgrade
+        from worker.db.migrate import upgrade
 
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)

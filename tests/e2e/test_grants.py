@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from helpers import ADMIN_URL, ROOT, add_job, db_prefix, execute, one, wait_for, worker_env, workers
-from worker.migrate import EXIT_SCHEMA
+from worker.db.migrate import EXIT_SCHEMA
 
 pytestmark = pytest.mark.e2e
 

@@ -178,7 +178,7 @@ def test_a_realtime_job_added_while_the_worker_runs_is_listened_for_at_once(
     env = worker_env(db, MIRROR_SOURCE_DSN=source)
     worker = WorkerProcess(db, tmp_path / "worker.log", env=env)
     try:
-        wait_for(lambda: "now the leader" in worker.output(), timeout=20, what="the worker to lead")
+        wait_for(lambda: "now the leader" in worker.output(), timeout=60, what="the worker to lead")
         add_job(db, "events", "postgres", config(realtime=True, deletes="none"), interval_seconds=3600)
         install = subprocess.run(
             [sys.executable, "-m", "worker", "install-trigger", "events"],
@@ -199,3 +199,4 @@ def test_a_realtime_job_added_while_the_worker_runs_is_listened_for_at_once(
         )
     finally:
         worker.stop()
+        print(worker.output()[-4000:])

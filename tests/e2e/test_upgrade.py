@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from helpers import execute, one, rows, wait_for, workers
-from worker.migrate import head_revision, known_revisions, upgrade
+from worker.db.migrate import head_revision, known_revisions, upgrade
 
 pytestmark = pytest.mark.e2e
 

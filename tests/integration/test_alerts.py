@@ -17,8 +17,8 @@ from aiosmtpd.controller import Controller
 from psycopg_pool import AsyncConnectionPool
 
 from helpers import add_job, execute, one, rows, wait_for, worker_env, workers
-from worker.alerts import AlertConfig, AlertConfigError, AlertLoop
-from worker.metrics import Metrics
+from worker.ops.alerts import AlertConfig, AlertConfigError, AlertLoop
+from worker.ops.metrics import Metrics
 
 
 class Receiver:
@@ -205,7 +205,7 @@ def test_a_failed_delivery_is_retried_with_backoff_and_counted(
     db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     add_job(db, "orders", "sql", {"statement": "select 1"}, interval_seconds=60, enabled=False)
-    monkeypatch.setattr("worker.alerts.FIRST_RETRY", 0.2)
+    monkeypatch.setattr("worker.ops.alerts.FIRST_RETRY", 0.2)
 
     async def scenario() -> None:
         async with Receiver().serving() as receiver:
@@ -231,7 +231,7 @@ def test_a_failed_delivery_is_retried_with_backoff_and_counted(
 
 def test_one_channel_that_fails_does_not_resend_the_other(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     add_job(db, "orders", "sql", {"statement": "select 1"}, interval_seconds=60, enabled=False)
-    monkeypatch.setattr("worker.alerts.FIRST_RETRY", 0.1)
+    monkeypatch.setattr("worker.ops.alerts.FIRST_RETRY", 0.1)
 
     async def scenario() -> None:
         async with Receiver().serving() as receiver:

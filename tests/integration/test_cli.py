@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from helpers import ROOT, TESTS, add_job, execute, one
-from worker.oneshot import run_once
+from worker.run.once import run_once
 
 
 def cli(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import one
-from worker.cron import CronError, parse
+from worker.run.cron import CronError, parse
 
 EXPRESSIONS = [
     "* * * * *",

@@ -16,7 +16,7 @@ from helpers import add_job, execute, one, rows
 from httpapi import Api, make_records
 from worker.connectors import get
 from worker.connectors.base import ConfigError
-from worker.oneshot import OneShot, run_once
+from worker.run.once import OneShot, run_once
 
 COLUMNS = {"id": "bigint", "name": "text", "score": "numeric", "updated_at": "timestamptz", "tags": "jsonb"}
 

@@ -8,7 +8,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from helpers import add_job, execute, one, rows
-from worker.maintenance import Pruner, PruneReport, Rescuer
+from worker.services.pruner import Pruner, PruneReport
+from worker.services.rescuer import Rescuer
 
 
 def _round(url: str, service: type, *args: object) -> object:

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from helpers import ROOT, TESTS, add_job, create_database, drop_database, execute, one
-from worker.oneshot import run_once
+from worker.run.once import run_once
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 from test_cli import assert_one_line_error, cli
 
 from helpers import ROOT, TESTS, add_job, execute, one, rows
-from worker.oneshot import run_once
+from worker.run.once import run_once
 
 
 def health(url: str, name: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import add_job, one, rows
 from worker import connectors
-from worker.oneshot import run_once
+from worker.run.once import run_once
 
 PLUGIN = """
 from worker.connectors.base import ConfigError, Connector, RunResult

@@ -12,7 +12,7 @@ from helpers import add_job, create_database, drop_database, execute, one, rows
 from worker.connectors import get
 from worker.connectors.base import ConfigError
 from worker.connectors.postgres import unescape_copy_field
-from worker.oneshot import run_once
+from worker.run.once import run_once
 
 ORDERS = """
 CREATE TABLE public.orders (

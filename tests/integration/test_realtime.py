@@ -7,8 +7,8 @@ import asyncio
 from psycopg_pool import AsyncConnectionPool
 
 from helpers import add_job, execute, rows
-from worker import realtime
-from worker.realtime import Realtime, Sources
+from worker.services import realtime
+from worker.services.realtime import Realtime, Sources
 
 
 def test_notifications_become_one_realtime_request_per_burst(db: str, empty_db: str) -> None:

@@ -14,7 +14,7 @@ import redis
 from helpers import REDIS_URL, ROOT, TESTS, add_job, create_database, drop_database, one, rows
 from worker.connectors import get
 from worker.connectors.base import ConfigError
-from worker.oneshot import run_once
+from worker.run.once import run_once
 
 
 @pytest.fixture

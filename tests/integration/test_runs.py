@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from helpers import add_job, execute, one, rows
-from worker.oneshot import OneShotError, run_once
+from worker.run.once import OneShotError, run_once
 
 
 def py(callable_: str, **options: object) -> dict[str, object]:

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from helpers import ROOT, add_job, execute, one, rows
-from worker.migrate import downgrade, upgrade
+from worker.db.migrate import downgrade, upgrade
 
 
 def test_upgrade_downgrade_upgrade_an_empty_database(empty_db: str) -> None:

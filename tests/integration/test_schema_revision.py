@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from helpers import ROOT, TESTS, execute, one
-from worker import migrate
-from worker.daemon import Worker
-from worker.migrate import EXIT_SCHEMA, SchemaMismatch, evaluate, head_revision, known_revisions
-from worker.settings import Settings
+from worker.daemon.settings import Settings
+from worker.daemon.worker import Worker
+from worker.db import migrate
+from worker.db.migrate import EXIT_SCHEMA, SchemaMismatch, evaluate, head_revision, known_revisions
 
 VERSIONS = ROOT / "migrations" / "versions"
 

@@ -26,7 +26,7 @@ import pytest
 from helpers import ROOT, TESTS, add_job, rows
 from httpapi import Api
 from worker import logs
-from worker.oneshot import run_once
+from worker.run.once import run_once
 
 UNIQUE = "a93f06c2e1"  # appears in the secret and in every encoding that keeps letters as they are
 CANARY = f'cnry-{UNIQUE}/+&"\\ q=Z'

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from worker.alarm import Alarm
-from worker.retry import Backoff
+from worker.daemon.alarm import Alarm
+from worker.services.backoff import Backoff
 
 
 def test_earliest_ring_wins_and_later_rings_are_ignored() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.maintenance import Census
+from worker.run.census import Census
 
 
 def census() -> tuple[Census, list[int]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.metrics import Metrics, Snapshot
+from worker.ops.metrics import Metrics, Snapshot
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"

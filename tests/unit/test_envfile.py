@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT
-from worker.envfile import EnvFileError, load, parse
+from worker.cli.envfile import EnvFileError, load, parse
 
 
 @pytest.mark.parametrize(

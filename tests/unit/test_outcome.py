@@ -8,10 +8,11 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from worker import outcome, schedule, secrets
+from worker import secrets
 from worker.connectors.base import ConfigError, FencedError, RecordError, RunResult
-from worker.cron import CronSpec
-from worker.outcome import Ending, Failure, Job, alert, config_problem
+from worker.run import outcome, schedule
+from worker.run.cron import CronSpec
+from worker.run.outcome import Ending, Failure, Job, alert, config_problem
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 UTC_ZONE = ZoneInfo("UTC")

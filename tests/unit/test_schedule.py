@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker import schedule
-from worker.schedule import Schedule, ScheduleError, retry_delay
+from worker.run import schedule
+from worker.run.schedule import Schedule, ScheduleError, retry_delay
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.settings import SETTINGS, Settings, SettingsError
+from worker.daemon.settings import SETTINGS, Settings, SettingsError
 
 
 def test_defaults() -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT
-from worker import systemd
-from worker.settings import SETTINGS, Settings
-from worker.systemd import Notifier, watchdog_interval
+from worker.daemon import systemd
+from worker.daemon.settings import SETTINGS, Settings
+from worker.daemon.systemd import Notifier, watchdog_interval
 
 UNITS = ["syncworker.service", "syncworker@.service"]
 

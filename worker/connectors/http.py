@@ -45,7 +45,7 @@ from worker.connectors.base import (
     require,
 )
 from worker.connectors.load import Destination, Loader, check_secret, identifier, parse_destination
-from worker.queries import Q
+from worker.db.queries import Q
 
 PAGINATION_TYPES = ("none", "page", "offset", "cursor", "next_url", "link_header")
 DEFAULT_TIMEOUT = 30.0

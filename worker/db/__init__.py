@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
 
 # Dead peers (a partitioned network, a host that vanished) are noticed by the
 # kernel within ~25 s even on an idle connection that runs no queries.
@@ -253,3 +256,6 @@ def database_error(exc: psycopg.Error, target: Target) -> str:
         )
     hint = " ".join(redact_dsn(exc.diag.message_hint or "").split())
     return f"{message}; database {target.describe()}" + (f"; hint: {hint}" if hint else "")
+
+
+Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]

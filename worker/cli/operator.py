@@ -16,8 +16,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from worker import cli, db
-from worker.queries import Q
+from worker import db
+from worker.cli import main as cli
+from worker.db.queries import Q
 
 Handler = Callable[[argparse.Namespace, db.Target], int]
 
@@ -235,8 +236,8 @@ def cmd_healthcheck(args: argparse.Namespace, target: db.Target) -> int:
     import os
     import urllib.request
 
-    from worker.settings import http_address
-    from worker.webaddress import parse_address
+    from worker.daemon.settings import http_address
+    from worker.ops.address import parse_address
 
     address = http_address(args.http if args.http is not None else os.environ.get("SYNCWORKER_HTTP", ""))
     if not address:
@@ -265,7 +266,7 @@ def _json_report_or(lines: Handler, reporter: Handler) -> Handler:
 
 def _check_json(args: argparse.Namespace, target: db.Target) -> int:
     """`check --json`: {"valid": N, "invalid": [...], "unchecked": [...]}; exit 1 if any is invalid."""
-    from worker.validate import problems
+    from worker.run.rowcheck import problems
 
     with cli._connect(target) as conn:
         rows = conn.execute(Q["all_integrations"]).fetchall()

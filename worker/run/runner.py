@@ -17,11 +17,12 @@ from psycopg.rows import TupleRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from worker import connectors, hooks, logs, outcome, schedule
+from worker import connectors, logs
 from worker.connectors.base import ConfigError, FencedError, RecordError, RunContext, RunResult, is_fence
-from worker.maintenance import Census
-from worker.outcome import Ending, Failure, Job, classify
-from worker.queries import Q
+from worker.db.queries import Q
+from worker.run import hooks, outcome, schedule
+from worker.run.census import Census
+from worker.run.outcome import Ending, Failure, Job, classify
 from worker.secrets import redact
 
 __all__ = ["Job", "Runner"]

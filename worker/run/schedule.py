@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from worker.cron import CronError, CronSpec, next_after
-from worker.cron import parse as parse_cron
+from worker.run.cron import CronError, CronSpec, next_after
+from worker.run.cron import parse as parse_cron
 
 # Retry delays never exceed this, whatever retry_backoff_seconds and the attempt are.
 DEFAULT_MAX_BACKOFF = 6 * 3600.0

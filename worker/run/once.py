@@ -10,10 +10,10 @@ from psycopg.rows import dict_row
 
 from worker import db
 from worker.connectors.base import ConfigError, RunResult
-from worker.outcome import classify
-from worker.queries import Q
-from worker.runner import Job, Runner
-from worker.validate import problems
+from worker.db.queries import Q
+from worker.run.outcome import classify
+from worker.run.rowcheck import problems
+from worker.run.runner import Job, Runner
 
 
 class OneShotError(Exception):

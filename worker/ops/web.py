@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from worker import db, statuspage
-from worker.metrics import HEALTH_WORDS, Snapshot
-from worker.webaddress import is_loopback, parse_address
+from worker import db
+from worker.ops import statuspage
+from worker.ops.address import is_loopback, parse_address
+from worker.ops.metrics import HEALTH_WORDS, Snapshot
 
 if TYPE_CHECKING:
-    from worker.daemon import Worker
+    from worker.daemon.worker import Worker
 
 log = logging.getLogger("syncworker.http")
 
@@ -196,7 +197,7 @@ class HttpServer:
         return found
 
     async def _check_database(self) -> dict[str, str]:
-        from worker.migrate import schema_status_async
+        from worker.db.migrate import schema_status_async
 
         where = db.describe_target(self.worker.url)
         try:

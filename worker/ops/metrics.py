@@ -23,8 +23,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from worker.queries import Q
-from worker.runner import Job, Runner
+from worker.db.queries import Q
+from worker.run.runner import Job, Runner
 
 log = logging.getLogger("syncworker.metrics")
 

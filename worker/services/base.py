@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 
 from worker import db
-from worker.retry import Backoff
+from worker.services.backoff import Backoff
 
 log = logging.getLogger("syncworker.service")
 

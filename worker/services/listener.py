@@ -13,9 +13,9 @@ from typing import Any
 import psycopg
 
 from worker import __version__, db
-from worker.alarm import Alarm
-from worker.queries import Q
-from worker.service import SessionService
+from worker.daemon.alarm import Alarm
+from worker.db.queries import Q
+from worker.services.base import SessionService
 
 log = logging.getLogger("syncworker.listener")
 

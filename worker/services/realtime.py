@@ -14,10 +14,11 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import TupleRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from worker import connectors, db, hooks, secrets
-from worker.outcome import config_problem
-from worker.queries import Q
-from worker.service import Service, SessionService, supervise
+from worker import connectors, db, secrets
+from worker.db.queries import Q
+from worker.run import hooks
+from worker.run.outcome import config_problem
+from worker.services.base import Service, SessionService, supervise
 
 log = logging.getLogger("syncworker.realtime")
 

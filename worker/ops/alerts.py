@@ -32,8 +32,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from worker.metrics import Metrics
-from worker.queries import Q
+from worker.db.queries import Q
+from worker.ops.metrics import Metrics
 
 log = logging.getLogger("syncworker.alerts")
 

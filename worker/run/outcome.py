@@ -18,9 +18,10 @@ from typing import Any
 
 import psycopg
 
-from worker import db, schedule
+from worker import db
 from worker.connectors.base import ConfigError, FencedError, RecordError, RunResult, SyncError
-from worker.cron import CronError
+from worker.run import schedule
+from worker.run.cron import CronError
 from worker.secrets import SecretError, redact, redact_value
 
 MAX_ERROR_TEXT = 2000

@@ -16,20 +16,24 @@ from psycopg.rows import TupleRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from worker import db
-from worker.alarm import Alarm
-from worker.listener import Listener
-from worker.maintenance import Census, Heartbeat, Leadership, PruneLoop, Pruner, RescueLoop, Rescuer
-from worker.metrics import MeasuredRunner, Metrics
-from worker.queries import Q
-from worker.realtime import Realtime
-from worker.retry import Backoff
-from worker.runner import Job
-from worker.service import supervise
-from worker.settings import Settings
-from worker.systemd import Notifier, watchdog_interval
+from worker.daemon.alarm import Alarm
+from worker.daemon.settings import Settings
+from worker.daemon.systemd import Notifier, watchdog_interval
+from worker.db.queries import Q
+from worker.ops.metrics import MeasuredRunner, Metrics
+from worker.run.census import Census
+from worker.run.runner import Job
+from worker.services.backoff import Backoff
+from worker.services.base import supervise
+from worker.services.heartbeat import Heartbeat
+from worker.services.leadership import Leadership
+from worker.services.listener import Listener
+from worker.services.pruner import PruneLoop, Pruner
+from worker.services.realtime import Realtime
+from worker.services.rescuer import RescueLoop, Rescuer
 
 if TYPE_CHECKING:
-    from worker.alerts import AlertLoop
+    from worker.ops.alerts import AlertLoop
 
 log = logging.getLogger("syncworker.worker")
 
@@ -307,7 +311,7 @@ class Worker:
         """--http: listen before anything else, so that a bad address or a port in use stops the
         start with one line; then serve, supervised, until shutdown cancels it.  The alert
         settings are read here too: malformed ones stop the start the same way."""
-        from worker.alerts import AlertConfig, AlertConfigError, AlertLoop
+        from worker.ops.alerts import AlertConfig, AlertConfigError, AlertLoop
 
         try:
             alerts = AlertConfig.from_env()
@@ -322,7 +326,7 @@ class Worker:
         )
         if not self.settings.http:
             return
-        from worker.web import HttpError, HttpServer
+        from worker.ops.web import HttpError, HttpServer
 
         try:
             server = HttpServer(self, self.settings.http, insecure=self.settings.http_insecure)
@@ -339,7 +343,7 @@ class Worker:
             )
         except psycopg.OperationalError as exc:
             raise StartupError(f"cannot connect to {target}: {db.connection_problem(exc)}") from None
-        from worker.migrate import require_head_async
+        from worker.db.migrate import require_head_async
 
         try:
             # SchemaMismatch (exit status 78) unless the schema is at the revision this code knows.

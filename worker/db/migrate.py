@@ -46,14 +46,14 @@ _RECORDED = f"SELECT version_num FROM {VERSION_TABLE}"
 def _script_location() -> str:
     # A source checkout has migrations/ next to the package; an installed wheel
     # carries the same files as worker._migrations.
-    checkout = Path(__file__).resolve().parent.parent / "migrations"
+    checkout = Path(__file__).resolve().parents[2] / "migrations"
     if (checkout / "env.py").exists():
         return str(checkout)
     return str(resources.files("worker._migrations"))
 
 
 def _versions() -> Traversable:
-    checkout = Path(__file__).resolve().parent.parent / "migrations"
+    checkout = Path(__file__).resolve().parents[2] / "migrations"
     if (checkout / "env.py").exists():
         return checkout / "versions"
     return resources.files("worker._migrations") / "versions"

@@ -17,9 +17,9 @@ from psycopg.rows import dict_row
 
 from worker import __version__, db
 from worker.connectors.base import ConfigError
-from worker.migrate import SchemaMismatch
-from worker.queries import Q
-from worker.settings import SETTINGS, Settings, SettingsError
+from worker.daemon.settings import SETTINGS, Settings, SettingsError
+from worker.db.migrate import SchemaMismatch
+from worker.db.queries import Q
 
 
 class CliError(Exception):
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="validate every integration's kind, config and schedule without running anything",
     )
-    from worker import ops_cli
+    from worker.cli import operator as ops_cli
 
     ops_cli.add_commands(sub, common)
     return parser
@@ -164,7 +164,7 @@ def _fail(message: str, status: int = 1) -> NoReturn:
 
 def _load_env_file(path: str) -> None:
     """--env-file: its variables replace the process's own (as the unit's environment would)."""
-    from worker.envfile import EnvFileError, load
+    from worker.cli.envfile import EnvFileError, load
 
     try:
         loaded = load(path)
@@ -181,7 +181,7 @@ def _connect(target: db.Target, *, schema: bool = True) -> psycopg.Connection[di
         target.url, autocommit=True, row_factory=dict_row, **db.connect_kwargs("syncworker cli")
     )
     if schema:
-        from worker.migrate import require_head
+        from worker.db.migrate import require_head
 
         try:
             # SchemaMismatch unless the schema is at the revision this code knows.
@@ -209,7 +209,7 @@ def cmd_migrate(args: argparse.Namespace, target: db.Target) -> int:
     from alembic.util import CommandError
     from sqlalchemy.exc import DBAPIError
 
-    from worker.migrate import head_revision, require_head, upgrade
+    from worker.db.migrate import head_revision, require_head, upgrade
 
     if args.check:
         with _connect(target, schema=False) as conn:
@@ -257,7 +257,7 @@ def cmd_run(args: argparse.Namespace, target: db.Target) -> int:
     import logging
 
     from worker import logs
-    from worker.daemon import StartupError, Worker
+    from worker.daemon.worker import StartupError, Worker
 
     settings = Settings.load({s.name: getattr(args, s.name) for s in SETTINGS}, database_url=target.url)
     _check_database(target)
@@ -437,7 +437,7 @@ def cmd_errors(args: argparse.Namespace, target: db.Target) -> int:
 
 
 def cmd_check(args: argparse.Namespace, target: db.Target) -> int:
-    from worker.validate import problems
+    from worker.run.rowcheck import problems
 
     with _connect(target) as conn:
         rows = conn.execute(Q["all_integrations"]).fetchall()
@@ -466,7 +466,7 @@ def cmd_run_once(args: argparse.Namespace, target: db.Target) -> int:
     import logging
 
     from worker import logs
-    from worker.oneshot import OneShotError, run_once
+    from worker.run.once import OneShotError, run_once
 
     logs.setup(args.log_format, "info")
     _check_database(target)

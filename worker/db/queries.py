@@ -10,7 +10,7 @@ _BLOCK = re.compile(r"^-- name: (\w+)\n((?:--[^\n]*\n)*)(.*?)(?=^-- name: |\Z)",
 
 
 def _load() -> dict[str, LiteralString]:
-    text = resources.files("worker").joinpath("queries.sql").read_text()
+    text = resources.files("worker.db").joinpath("queries.sql").read_text()
     found: dict[str, LiteralString] = {}
     for name, _comment, body in _BLOCK.findall(text):
         if name in found:

@@ -43,7 +43,7 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 def http_address(text: str) -> str:
     """HOST:PORT, [IPv6]:PORT or a bare PORT (which binds 127.0.0.1); "" or "off": no server."""
-    from worker.webaddress import parse_address
+    from worker.ops.address import parse_address
 
     if text.strip().lower() in ("", "off"):
         return ""

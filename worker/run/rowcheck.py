@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker import connectors, db, hooks, schedule, secrets
+from worker import connectors, db, secrets
 from worker.connectors.base import EnvironmentProblem
+from worker.run import hooks, schedule
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ def problems(row: Mapping[str, Any], *, resolve_secrets: bool = False) -> Proble
     Parsed exactly as the runner parses it (schedule, after_success, the connector's
     config).  With `resolve_secrets`, every secret reference in the config is also read.
     """
-    from worker.outcome import config_problem
+    from worker.run.outcome import config_problem
 
     if isinstance(row["config"], str):  # as the queries send it
         row = dict(row)

@@ -1,0 +1,1 @@
+"""The `syncworker` command line: the commands (`main`), the operator commands and `--env-file`."""

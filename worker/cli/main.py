@@ -8,29 +8,31 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import psycopg
-from psycopg.rows import dict_row
 
 from worker import __version__, db
+from worker.cli.common import (
+    CliError,
+    ago,
+    connect,
+    format_duration,
+    format_ms,
+    health_rank,
+    integration_row,
+    json_default,
+    positive_int,
+    postgres_job,
+    render_table,
+    say_database,
+    shorten,
+)
 from worker.connectors.base import ConfigError
 from worker.daemon.settings import SETTINGS, Settings, SettingsError
 from worker.db.migrate import SchemaMismatch
 from worker.db.queries import Q
-
-
-class CliError(Exception):
-    """An expected failure: printed as one line, exit status 1.
-
-    The database and how it was chosen are added to the message unless it names them already.
-    """
-
-    def __init__(self, message: str, *, names_database: bool = False) -> None:
-        super().__init__(message)
-        self.names_database = names_database
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     history = sub.add_parser("history", parents=[common], help="the latest runs of an integration")
     history.add_argument("name")
-    history.add_argument("--limit", type=_positive, default=20)
+    history.add_argument("--limit", type=positive_int, default=20)
 
     errors = sub.add_parser("errors", parents=[common], help="unresolved errors, newest first")
     errors.add_argument("name", nargs="?", help="only this integration")
-    errors.add_argument("--limit", type=_positive, default=50)
+    errors.add_argument("--limit", type=positive_int, default=50)
 
     once = sub.add_parser("run-once", parents=[common], help="run one integration now, in the foreground")
     once.add_argument("name")
@@ -123,14 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from worker.cli import operator as ops_cli
 
-    ops_cli.add_commands(sub, common)
+    ops_cli.add_commands(sub, common, COMMANDS)
     return parser
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,31 +171,9 @@ def _load_env_file(path: str) -> None:
     os.environ.update(loaded.values)
 
 
-def _connect(target: db.Target, *, schema: bool = True) -> psycopg.Connection[dict[str, Any]]:
-    """A session on the control database; with `schema`, one that has the syncworker schema."""
-    conn = psycopg.connect(
-        target.url, autocommit=True, row_factory=dict_row, **db.connect_kwargs("syncworker cli")
-    )
-    if schema:
-        from worker.db.migrate import require_head
-
-        try:
-            # SchemaMismatch unless the schema is at the revision this code knows.
-            require_head(conn, target.describe(), missing=db.no_schema(target))
-        except BaseException:
-            conn.close()
-            raise
-    return conn
-
-
 def _check_database(target: db.Target) -> None:
     """Fail now, with the usual one line, if the database cannot be reached or has no schema."""
-    _connect(target).close()
-
-
-def _say_database(target: db.Target) -> None:
-    """Which database a report comes from, on stderr so that stdout stays the report itself."""
-    print(f"syncworker: database {target.describe()}", file=sys.stderr)
+    connect(target).close()
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -212,12 +186,12 @@ def cmd_migrate(args: argparse.Namespace, target: db.Target) -> int:
     from worker.db.migrate import head_revision, require_head, upgrade
 
     if args.check:
-        with _connect(target, schema=False) as conn:
+        with connect(target, schema=False) as conn:
             found = require_head(conn, target.describe(), missing=db.no_schema(target))
         print(found.describe(target.describe()))
         return 0
     # a clear "cannot connect" before alembic's longer traceback-shaped errors
-    _connect(target, schema=False).close()
+    connect(target, schema=False).close()
     if not target.explicit and not args.yes:
         _confirm_migrate(target)
     try:
@@ -269,35 +243,13 @@ def cmd_run(args: argparse.Namespace, target: db.Target) -> int:
         raise CliError(str(exc)) from None
 
 
-# Worst first: the order `syncworker status` lists health words in. A word this list does not
-# know yet ranks with the problems, before `pending` and `ok`.
-HEALTH_ORDER = ("disabled", "paused", "failing", "stale", "overrunning", "late", "degraded", "pending", "ok")
-
-
-def _health_rank(health: str | None) -> float:
-    if health in HEALTH_ORDER:
-        return HEALTH_ORDER.index(health)
-    return HEALTH_ORDER.index("pending") - 0.5
-
-
-def _json_default(value: Any) -> Any:
-    """numeric columns as JSON numbers, times as ISO 8601 strings."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    return str(value)
-
-
 def cmd_status(args: argparse.Namespace, target: db.Target) -> int:
-    with _connect(target) as conn:
+    with connect(target) as conn:
         rows = conn.execute(Q["status"]).fetchall()
-    rows.sort(key=lambda r: (_health_rank(r["health"]), r["name"]))
-    _say_database(target)
+    rows.sort(key=lambda r: (health_rank(r["health"]), r["name"]))
+    say_database(target)
     if args.json:
-        print(json.dumps(rows, default=_json_default, indent=2))
+        print(json.dumps(rows, default=json_default, indent=2))
         return 0
     if not rows:
         print(
@@ -312,19 +264,19 @@ def cmd_status(args: argparse.Namespace, target: db.Target) -> int:
             r["health"],
             r["schedule"],
             "running" if r["running"] else (r["last_status"] or "-"),
-            _ago(r["last_sync_at"], now),
+            ago(r["last_sync_at"], now),
             _until(r["next_sync_at"], now) if r["enabled"] else "-",
             str(r["retry_count"]),
             str(r["runs_24h"]),
             _percent(r["success_rate_24h"]),
-            _ms(r["mean_duration_ms_24h"]),
+            format_ms(r["mean_duration_ms_24h"]),
             str(r["unresolved_errors"]),
-            _short(r["problem"]),
+            shorten(r["problem"]),
         ]
         for r in rows
     ]
     print(
-        _table(
+        render_table(
             [
                 "NAME",
                 "KIND",
@@ -347,35 +299,25 @@ def cmd_status(args: argparse.Namespace, target: db.Target) -> int:
 
 
 def cmd_trigger(args: argparse.Namespace, target: db.Target) -> int:
-    with _connect(target) as conn:
+    with connect(target) as conn:
         row = conn.execute(Q["trigger_sync"], {"name": args.name}).fetchone()
     assert row is not None
-    _say_database(target)
+    say_database(target)
     print(f"{args.name}: {row['result']}")
     return 0
 
 
-def _integration(conn: psycopg.Connection[dict[str, Any]], name: str) -> dict[str, Any]:
-    row = conn.execute(Q["integration_by_name"], {"name": name}).fetchone()
-    if row is None:
-        raise CliError(f'no integration named "{name}"')
-    problem = db.read_json(row, "config", "state")
-    if problem:
-        raise CliError(f"{name}: {problem}")
-    return row
-
-
 def cmd_history(args: argparse.Namespace, target: db.Target) -> int:
-    with _connect(target) as conn:
-        job = _integration(conn, args.name)
+    with connect(target) as conn:
+        job = integration_row(conn, args.name)
         rows = conn.execute(Q["history"], {"integration_id": job["id"], "limit": args.limit}).fetchall()
-    _say_database(target)
+    say_database(target)
     if not rows:
         print(f"{args.name} has not run yet")
         return 0
     now = datetime.now(UTC)
     print(
-        _table(
+        render_table(
             [
                 "RUN",
                 "STATUS",
@@ -393,11 +335,11 @@ def cmd_history(args: argparse.Namespace, target: db.Target) -> int:
                     r["status"],
                     r["trigger"],
                     str(r["attempt"]),
-                    _ago(r["started_at"], now),
-                    _ms(r["duration_ms"]),
+                    ago(r["started_at"], now),
+                    format_ms(r["duration_ms"]),
                     str(r["records_processed"]),
                     str(r["records_failed"]),
-                    _short(r["error"] and f"{r['error_type']}: {r['error']}"),
+                    shorten(r["error"] and f"{r['error_type']}: {r['error']}"),
                 ]
                 for r in rows
             ],
@@ -407,27 +349,27 @@ def cmd_history(args: argparse.Namespace, target: db.Target) -> int:
 
 
 def cmd_errors(args: argparse.Namespace, target: db.Target) -> int:
-    with _connect(target) as conn:
+    with connect(target) as conn:
         if args.name is not None:
-            _integration(conn, args.name)
+            integration_row(conn, args.name)
         rows = conn.execute(Q["unresolved_errors"], {"name": args.name, "limit": args.limit}).fetchall()
-    _say_database(target)
+    say_database(target)
     if not rows:
         print("no unresolved errors")
         return 0
     now = datetime.now(UTC)
     print(
-        _table(
+        render_table(
             ["ID", "INTEGRATION", "WHEN", "TYPE", "RECORD", "RUN", "MESSAGE"],
             [
                 [
                     str(r["id"]),
                     r["name"],
-                    _ago(r["created_at"], now),
+                    ago(r["created_at"], now),
                     r["error_type"],
                     r["record_key"] or "-",
                     str(r["run_id"] or "-"),
-                    _short(r["message"], 80),
+                    shorten(r["message"], 80),
                 ]
                 for r in rows
             ],
@@ -439,9 +381,9 @@ def cmd_errors(args: argparse.Namespace, target: db.Target) -> int:
 def cmd_check(args: argparse.Namespace, target: db.Target) -> int:
     from worker.run.rowcheck import problems
 
-    with _connect(target) as conn:
+    with connect(target) as conn:
         rows = conn.execute(Q["all_integrations"]).fetchall()
-    _say_database(target)
+    say_database(target)
     found = [(row["name"], problem) for row in rows if (problem := problems(row, resolve_secrets=True))]
     invalid = [(name, p) for name, p in found if not p.local]
     for name, problem in invalid:
@@ -497,22 +439,14 @@ def cmd_run_once(args: argparse.Namespace, target: db.Target) -> int:
     return 0 if outcome.status in ("success", "partial") else 1
 
 
-def _postgres_job(target: db.Target, name: str) -> Any:
-    from worker.mirror_tools import postgres_config
-
-    with _connect(target) as conn:
-        job = _integration(conn, name)
-    return postgres_config(job["kind"], job["config"], name)
-
-
 def cmd_install_trigger(args: argparse.Namespace, target: db.Target) -> int:
     from worker.mirror_tools import ToolError, install_trigger
 
     try:
-        done = install_trigger(_postgres_job(target, args.name))
+        done = install_trigger(postgres_job(target, args.name))
     except ToolError as exc:
         raise CliError(str(exc)) from None
-    _say_database(target)
+    say_database(target)
     print(f"{args.name}: {done}")
     return 0
 
@@ -521,11 +455,11 @@ def cmd_verify(args: argparse.Namespace, target: db.Target) -> int:
     from worker.mirror_tools import ToolError, describe, verify
 
     try:
-        cfg = _postgres_job(target, args.name)
+        cfg = postgres_job(target, args.name)
         report = verify(cfg, target.url)
     except ToolError as exc:
         raise CliError(str(exc)) from None
-    _say_database(target)
+    say_database(target)
     for line in describe(report, cfg):
         print(f"{args.name}: {line}")
     return 0 if report.ok else 1
@@ -548,50 +482,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, db.Target], int]] = {
 # -- formatting ---------------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [
-        "  ".join(str(cell).ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in [header, *rows]
-    ]
-    return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    seconds = abs(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
-def _ago(when: datetime | None, now: datetime) -> str:
-    return "-" if when is None else f"{_duration((now - when).total_seconds())} ago"
-
-
 def _until(when: datetime | None, now: datetime) -> str:
     if when is None:
         return "-"
     delta = (when - now).total_seconds()
-    return "due now" if delta <= 0 else f"in {_duration(delta)}"
+    return "due now" if delta <= 0 else f"in {format_duration(delta)}"
 
 
 def _percent(rate: Any) -> str:
     return "-" if rate is None else f"{float(rate) * 100:.0f}%"
-
-
-def _ms(ms: Any) -> str:
-    if ms is None:
-        return "-"
-    ms = float(ms)
-    return f"{ms:.0f}ms" if ms < 10_000 else _duration(ms / 1000)
-
-
-def _short(text: str | None, width: int = 60) -> str:
-    if not text:
-        return "-"
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 if __name__ == "__main__":

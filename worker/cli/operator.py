@@ -9,6 +9,7 @@ and do the same.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -17,13 +18,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker import db
-from worker.cli import main as cli
+from worker.cli import common as shared
 from worker.db.queries import Q
 
 Handler = Callable[[argparse.Namespace, db.Target], int]
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: Any, common: argparse.ArgumentParser, commands: dict[str, Handler]) -> None:
     """Add the operator commands to the `syncworker` parser (`sub`: its subparsers)."""
     pause = sub.add_parser(
         "pause", parents=[common], help="stop a job's runs and keep its schedule (resume starts them again)"
@@ -54,7 +55,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
     runs = sub.add_parser("runs", parents=[common], help="the latest runs of every job, or those running now")
     runs.add_argument("--running", action="store_true", help="only runs in progress")
-    runs.add_argument("--limit", type=cli._positive, default=50)
+    runs.add_argument("--limit", type=shared.positive_int, default=50)
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     runs.set_defaults(handler=cmd_runs)
 
@@ -84,16 +85,16 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="print the status again every SECONDS (default 2) until Ctrl-C",
     )
-    status.set_defaults(handler=cmd_status)
+    status.set_defaults(handler=functools.partial(cmd_status, plain=commands["status"]))
 
     for name, reader in (("history", _history_json), ("errors", _errors_json)):
         parser = sub.choices[name]
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        parser.set_defaults(handler=_json_or(cli.COMMANDS[name], reader))
+        parser.set_defaults(handler=_json_or(commands[name], reader))
     for name, reporter in (("check", _check_json), ("verify", _verify_json)):
         parser = sub.choices[name]
         parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
-        parser.set_defaults(handler=_json_report_or(cli.COMMANDS[name], reporter))
+        parser.set_defaults(handler=_json_report_or(commands[name], reporter))
 
 
 def _seconds(text: str) -> float:
@@ -107,7 +108,7 @@ def _seconds(text: str) -> float:
 
 
 def _print_json(value: Any, *, indent: int | None = 2) -> None:
-    print(json.dumps(value, default=cli._json_default, indent=indent), flush=True)
+    print(json.dumps(value, default=shared.json_default, indent=indent), flush=True)
 
 
 # -- writes: one SQL function each ------------------------------------------------------------------
@@ -115,10 +116,10 @@ def _print_json(value: Any, *, indent: int | None = 2) -> None:
 
 def _write(function: str, *params: str) -> Handler:
     def handler(args: argparse.Namespace, target: db.Target) -> int:
-        with cli._connect(target) as conn:
+        with shared.connect(target) as conn:
             row = conn.execute(Q[function], {p: getattr(args, p) for p in params}).fetchone()
         assert row is not None
-        cli._say_database(target)
+        shared.say_database(target)
         print(f"{args.name}: {row['result']}")
         return 0
 
@@ -126,10 +127,10 @@ def _write(function: str, *params: str) -> Handler:
 
 
 def cmd_resolve(args: argparse.Namespace, target: db.Target) -> int:
-    with cli._connect(target) as conn:
+    with shared.connect(target) as conn:
         row = conn.execute(Q["resolve_errors"], {"name": args.name, "error_type": args.error_type}).fetchone()
     assert row is not None
-    cli._say_database(target)
+    shared.say_database(target)
     kind = f" {args.error_type}" if args.error_type else ""
     count = int(row["resolved"])
     print(f"{args.name}: {count}{kind} error{'' if count == 1 else 's'} marked resolved")
@@ -140,9 +141,9 @@ def cmd_resolve(args: argparse.Namespace, target: db.Target) -> int:
 
 
 def cmd_runs(args: argparse.Namespace, target: db.Target) -> int:
-    with cli._connect(target) as conn:
+    with shared.connect(target) as conn:
         rows = conn.execute(Q["runs"], {"running": args.running, "limit": args.limit}).fetchall()
-    cli._say_database(target)
+    shared.say_database(target)
     if args.json:
         _print_json(rows)
         return 0
@@ -151,7 +152,7 @@ def cmd_runs(args: argparse.Namespace, target: db.Target) -> int:
         return 0
     now = datetime.now(UTC)
     print(
-        cli._table(
+        shared.render_table(
             ["RUN", "INTEGRATION", "STATUS", "TRIGGER", "ATTEMPT", "WORKER", "STARTED", "DURATION", "ERROR"],
             [
                 [
@@ -161,9 +162,9 @@ def cmd_runs(args: argparse.Namespace, target: db.Target) -> int:
                     r["trigger"],
                     str(r["attempt"]),
                     _worker(r),
-                    cli._ago(r["started_at"], now),
-                    cli._ms(r["duration_ms"]),
-                    cli._short(r["error"] and f"{r['error_type']}: {r['error']}"),
+                    shared.ago(r["started_at"], now),
+                    shared.format_ms(r["duration_ms"]),
+                    shared.shorten(r["error"] and f"{r['error_type']}: {r['error']}"),
                 ]
                 for r in rows
             ],
@@ -179,9 +180,9 @@ def _worker(row: dict[str, Any]) -> str:
     return f"w{row['worker_id']} {where}"
 
 
-def cmd_status(args: argparse.Namespace, target: db.Target) -> int:
+def cmd_status(args: argparse.Namespace, target: db.Target, *, plain: Handler) -> int:
     if args.watch is None:
-        return cli.cmd_status(args, target)
+        return plain(args, target)
     clear = sys.stdout.isatty() and not args.json
     try:
         while True:
@@ -192,7 +193,7 @@ def cmd_status(args: argparse.Namespace, target: db.Target) -> int:
             if args.json:
                 _print_json(_status_rows(target), indent=None)
             else:
-                cli.cmd_status(args, target)
+                plain(args, target)
                 sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:
@@ -200,9 +201,9 @@ def cmd_status(args: argparse.Namespace, target: db.Target) -> int:
 
 
 def _status_rows(target: db.Target) -> list[dict[str, Any]]:
-    with cli._connect(target) as conn:
+    with shared.connect(target) as conn:
         rows = conn.execute(Q["status"]).fetchall()
-    rows.sort(key=lambda r: (cli._health_rank(r["health"]), r["name"]))
+    rows.sort(key=lambda r: (shared.health_rank(r["health"]), r["name"]))
     return rows
 
 
@@ -211,7 +212,7 @@ def _json_or(table: Handler, reader: Callable[[argparse.Namespace, db.Target], A
         if not args.json:
             return table(args, target)
         rows = reader(args, target)
-        cli._say_database(target)
+        shared.say_database(target)
         _print_json(rows)
         return 0
 
@@ -219,15 +220,15 @@ def _json_or(table: Handler, reader: Callable[[argparse.Namespace, db.Target], A
 
 
 def _history_json(args: argparse.Namespace, target: db.Target) -> list[dict[str, Any]]:
-    with cli._connect(target) as conn:
-        job = cli._integration(conn, args.name)
+    with shared.connect(target) as conn:
+        job = shared.integration_row(conn, args.name)
         return conn.execute(Q["history"], {"integration_id": job["id"], "limit": args.limit}).fetchall()
 
 
 def _errors_json(args: argparse.Namespace, target: db.Target) -> list[dict[str, Any]]:
-    with cli._connect(target) as conn:
+    with shared.connect(target) as conn:
         if args.name is not None:
-            cli._integration(conn, args.name)
+            shared.integration_row(conn, args.name)
         return conn.execute(Q["unresolved_errors"], {"name": args.name, "limit": args.limit}).fetchall()
 
 
@@ -241,7 +242,7 @@ def cmd_healthcheck(args: argparse.Namespace, target: db.Target) -> int:
 
     address = http_address(args.http if args.http is not None else os.environ.get("SYNCWORKER_HTTP", ""))
     if not address:
-        raise cli.CliError(
+        raise shared.CliError(
             "no --http address: set SYNCWORKER_HTTP as for `syncworker run`", names_database=True
         )
     host, port = parse_address(address)
@@ -252,7 +253,7 @@ def cmd_healthcheck(args: argparse.Namespace, target: db.Target) -> int:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             ok = response.status == 200
     except OSError as exc:
-        raise cli.CliError(f"{url}: {exc}", names_database=True) from None
+        raise shared.CliError(f"{url}: {exc}", names_database=True) from None
     print(f"{url}: {'ok' if ok else 'not ok'}")
     return 0 if ok else 1
 
@@ -268,9 +269,9 @@ def _check_json(args: argparse.Namespace, target: db.Target) -> int:
     """`check --json`: {"valid": N, "invalid": [...], "unchecked": [...]}; exit 1 if any is invalid."""
     from worker.run.rowcheck import problems
 
-    with cli._connect(target) as conn:
+    with shared.connect(target) as conn:
         rows = conn.execute(Q["all_integrations"]).fetchall()
-    cli._say_database(target)
+    shared.say_database(target)
     found = [(row["name"], problem) for row in rows if (problem := problems(row, resolve_secrets=True))]
     invalid = [{"name": name, "problem": p.message} for name, p in found if not p.local]
     unchecked = [{"name": name, "problem": p.message} for name, p in found if p.local]
@@ -283,11 +284,11 @@ def _verify_json(args: argparse.Namespace, target: db.Target) -> int:
     from worker.mirror_tools import ToolError, verify
 
     try:
-        cfg = cli._postgres_job(target, args.name)
+        cfg = shared.postgres_job(target, args.name)
         report = verify(cfg, target.url)
     except ToolError as exc:
-        raise cli.CliError(str(exc)) from None
-    cli._say_database(target)
+        raise shared.CliError(str(exc)) from None
+    shared.say_database(target)
     _print_json(
         {
             "name": args.name,

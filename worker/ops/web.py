@@ -18,18 +18,32 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker import db
+from worker.daemon.settings import Settings
+from worker.db import Pool
 from worker.ops import statuspage
 from worker.ops.address import is_loopback, parse_address
-from worker.ops.metrics import HEALTH_WORDS, Snapshot
+from worker.ops.metrics import HEALTH_WORDS, Metrics, Snapshot
+from worker.services.leadership import Leadership
+from worker.services.listener import Listener
 
-if TYPE_CHECKING:
-    from worker.daemon.worker import Worker
+
+class Replica(Protocol):
+    """What the server reads of the worker it runs in."""
+
+    url: str
+    pool: Pool
+    metrics: Metrics
+    settings: Settings
+    listener: Listener
+    leadership: Leadership
+    stopping: bool
+
 
 log = logging.getLogger("syncworker.http")
 
@@ -53,7 +67,7 @@ class HttpError(Exception):
 
 class HttpServer:
     def __init__(
-        self, worker: Worker, address: str, *, insecure: bool = False, token: str | None = None
+        self, worker: Replica, address: str, *, insecure: bool = False, token: str | None = None
     ) -> None:
         self.worker = worker
         try:

@@ -233,127 +233,149 @@ def _parse_incremental(config: Mapping[str, Any]) -> Incremental | None:
     return Incremental(cursor_field, param, lookback, initial)
 
 
+SETTINGS = {
+    "url",
+    "method",
+    "headers",
+    "params",
+    "body",
+    "auth",
+    "records_path",
+    "mapping",
+    "pagination",
+    "incremental",
+    "destination",
+    "delete_missing",
+    "request_timeout_seconds",
+    "max_attempts",
+    "max_response_bytes",
+    "rate_limit",
+    "min_interval_seconds",
+    "circuit_breaker",
+}
+
+
+def _parse_url(config: Mapping[str, Any]) -> str:
+    url: str = require(config, "url", str, "the API's URL, http:// or https://")
+    try:
+        parts = urlsplit(url)
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise ConfigError("url", f"not a valid URL ({exc}): {url!r:.80}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError("url", f"expected an http:// or https:// URL, got {url!r:.80}")
+    return url
+
+
+def _parse_request(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any], Any]:
+    """method, headers, params and body (values may be secret references)."""
+    method = str(expect(config, "method", str, "GET or POST", "GET")).upper()
+    if method not in ("GET", "POST"):
+        raise ConfigError("method", f"expected GET or POST, got {method!r:.20}")
+    headers = expect(config, "headers", dict, "an object of header name to value", {})
+    for name, value in headers.items():
+        _value_or_secret(value, f"headers.{name}")
+    params = expect(config, "params", dict, "an object of query parameter to value", {})
+    for name, value in params.items():
+        _value_or_secret(value, f"params.{name}")
+    body = config.get("body")
+    if body is not None and method != "POST":
+        raise ConfigError("body", "is only sent with POST")
+    return method, dict(headers), dict(params), body
+
+
+def _parse_mapping(config: Mapping[str, Any], destination: Destination) -> dict[str, str]:
+    """column -> record path; by default each destination column from the field of its name."""
+    raw = expect(config, "mapping", dict, "an object of column name to record path", None)
+    if raw is None:
+        if not destination.columns:
+            raise ConfigError(
+                "mapping",
+                "is required (an object of column name to record path) unless destination.columns is set",
+            )
+        raw = {c: c for c in destination.columns}
+    mapping: dict[str, str] = {}
+    for column, path in raw.items():
+        identifier(column, "mapping")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"mapping.{column}", 'expected a record path like "id" or "user.email"')
+        mapping[column] = path
+    missing = [k for k in destination.key if k not in mapping]
+    if missing:
+        raise ConfigError("mapping", f"must map the key column(s) {', '.join(missing)}")
+    return mapping
+
+
+def _parse_rate_limit(config: Mapping[str, Any]) -> tuple[int, float] | None:
+    rate = expect(config, "rate_limit", dict, 'an object like {"requests": 1000, "per_seconds": 3600}')
+    if rate is None:
+        return None
+    reject_unknown(rate, {"requests", "per_seconds"}, "rate_limit")
+    requests = require(rate, "requests", int, "a positive number of requests", prefix="rate_limit")
+    require(rate, "per_seconds", (int, float), "the window in seconds", prefix="rate_limit")
+    per = _number(rate, "per_seconds", "seconds", 1, "rate_limit", 0.001)
+    if requests <= 0:
+        raise ConfigError("rate_limit.requests", f"expected a positive number of requests, got {requests}")
+    return requests, per
+
+
+def _parse_breaker(config: Mapping[str, Any]) -> tuple[int, float]:
+    """The circuit breaker's failures in a row and cooldown."""
+    breaker = expect(
+        config, "circuit_breaker", dict, 'an object like {"failures": 5, "cooldown_seconds": 300}', {}
+    )
+    reject_unknown(breaker, {"failures", "cooldown_seconds"}, "circuit_breaker")
+    failures = _positive_int(
+        breaker, "failures", "a positive number", DEFAULT_BREAKER_FAILURES, "circuit_breaker"
+    )
+    cooldown = _number(breaker, "cooldown_seconds", "seconds", DEFAULT_BREAKER_COOLDOWN, "circuit_breaker", 0)
+    return failures, cooldown
+
+
+def _positive_int(config: Mapping[str, Any], key: str, what: str, default: int, prefix: str = "") -> int:
+    value: int = expect(config, key, int, what, default, prefix=prefix)
+    if value <= 0:
+        raise ConfigError(f"{prefix}.{key}" if prefix else key, f"expected {what}, got {value}")
+    return value
+
+
 class HttpConnector(Connector):
     kind = "http"
 
     def validate(self, config: Mapping[str, Any]) -> HttpConfig:
-        reject_unknown(
-            config,
-            {
-                "url",
-                "method",
-                "headers",
-                "params",
-                "body",
-                "auth",
-                "records_path",
-                "mapping",
-                "pagination",
-                "incremental",
-                "destination",
-                "delete_missing",
-                "request_timeout_seconds",
-                "max_attempts",
-                "max_response_bytes",
-                "rate_limit",
-                "min_interval_seconds",
-                "circuit_breaker",
-            },
-        )
-        url = require(config, "url", str, "the API's URL, http:// or https://")
-        try:
-            parts = urlsplit(url)
-            httpx.URL(url)
-        except (ValueError, httpx.InvalidURL) as exc:
-            raise ConfigError("url", f"not a valid URL ({exc}): {url!r:.80}") from None
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError("url", f"expected an http:// or https:// URL, got {url!r:.80}")
-        method = str(expect(config, "method", str, "GET or POST", "GET")).upper()
-        if method not in ("GET", "POST"):
-            raise ConfigError("method", f"expected GET or POST, got {method!r:.20}")
-        headers = expect(config, "headers", dict, "an object of header name to value", {})
-        for name, value in headers.items():
-            _value_or_secret(value, f"headers.{name}")
-        params = expect(config, "params", dict, "an object of query parameter to value", {})
-        for name, value in params.items():
-            _value_or_secret(value, f"params.{name}")
-        body = config.get("body")
-        if body is not None and method != "POST":
-            raise ConfigError("body", "is only sent with POST")
-        records_path = expect(config, "records_path", str, 'a dotted path like "data.items"', "")
+        reject_unknown(config, SETTINGS)
+        url = _parse_url(config)
+        method, headers, params, body = _parse_request(config)
         destination = parse_destination(config)
-        mapping_raw = expect(config, "mapping", dict, "an object of column name to record path", None)
-        if mapping_raw is None:
-            if not destination.columns:
-                raise ConfigError(
-                    "mapping",
-                    "is required (an object of column name to record path) unless destination.columns is set",
-                )
-            mapping_raw = {c: c for c in destination.columns}
-        mapping: dict[str, str] = {}
-        for column, path in mapping_raw.items():
-            identifier(column, "mapping")
-            if not isinstance(path, str) or not path:
-                raise ConfigError(f"mapping.{column}", 'expected a record path like "id" or "user.email"')
-            mapping[column] = path
-        missing = [k for k in destination.key if k not in mapping]
-        if missing:
-            raise ConfigError("mapping", f"must map the key column(s) {', '.join(missing)}")
         incremental = _parse_incremental(config)
         delete_missing = expect(config, "delete_missing", bool, "true or false", False)
         if delete_missing and incremental is not None:
             raise ConfigError("delete_missing", "needs a full read every run; it cannot go with incremental")
-        rate = expect(config, "rate_limit", dict, 'an object like {"requests": 1000, "per_seconds": 3600}')
-        rate_limit = None
-        if rate is not None:
-            reject_unknown(rate, {"requests", "per_seconds"}, "rate_limit")
-            requests = require(rate, "requests", int, "a positive number of requests", prefix="rate_limit")
-            require(rate, "per_seconds", (int, float), "the window in seconds", prefix="rate_limit")
-            per = _number(rate, "per_seconds", "seconds", 1, "rate_limit", 0.001)
-            if requests <= 0:
-                raise ConfigError(
-                    "rate_limit.requests", f"expected a positive number of requests, got {requests}"
-                )
-            rate_limit = (requests, per)
-        breaker = expect(
-            config, "circuit_breaker", dict, 'an object like {"failures": 5, "cooldown_seconds": 300}', {}
-        )
-        reject_unknown(breaker, {"failures", "cooldown_seconds"}, "circuit_breaker")
-        failures = expect(
-            breaker, "failures", int, "a positive number", DEFAULT_BREAKER_FAILURES, prefix="circuit_breaker"
-        )
-        if failures <= 0:
-            raise ConfigError("circuit_breaker.failures", f"expected a positive number, got {failures}")
-        attempts = expect(config, "max_attempts", int, "a positive number of attempts", DEFAULT_MAX_ATTEMPTS)
-        if attempts <= 0:
-            raise ConfigError("max_attempts", f"expected a positive number of attempts, got {attempts}")
-        max_bytes = expect(
-            config, "max_response_bytes", int, "a positive size in bytes", DEFAULT_MAX_RESPONSE_BYTES
-        )
-        if max_bytes <= 0:
-            raise ConfigError("max_response_bytes", f"expected a positive size in bytes, got {max_bytes}")
+        breaker_failures, breaker_cooldown = _parse_breaker(config)
         return HttpConfig(
             url=url,
             method=method,
-            headers=dict(headers),
-            params=dict(params),
+            headers=headers,
+            params=params,
             body=body,
             auth=_parse_auth(config),
-            records_path=records_path,
-            mapping=mapping,
+            records_path=expect(config, "records_path", str, 'a dotted path like "data.items"', ""),
+            mapping=_parse_mapping(config, destination),
             pagination=_parse_pagination(config),
             incremental=incremental,
             destination=destination,
             delete_missing=delete_missing,
             timeout=_number(config, "request_timeout_seconds", "seconds", DEFAULT_TIMEOUT, "", 0.001),
-            max_attempts=attempts,
-            max_response_bytes=max_bytes,
-            rate_limit=rate_limit,
-            min_interval=_number(config, "min_interval_seconds", "seconds", 0, "", 0),
-            breaker_failures=failures,
-            breaker_cooldown=_number(
-                breaker, "cooldown_seconds", "seconds", DEFAULT_BREAKER_COOLDOWN, "circuit_breaker", 0
+            max_attempts=_positive_int(
+                config, "max_attempts", "a positive number of attempts", DEFAULT_MAX_ATTEMPTS
             ),
+            max_response_bytes=_positive_int(
+                config, "max_response_bytes", "a positive size in bytes", DEFAULT_MAX_RESPONSE_BYTES
+            ),
+            rate_limit=_parse_rate_limit(config),
+            min_interval=_number(config, "min_interval_seconds", "seconds", 0, "", 0),
+            breaker_failures=breaker_failures,
+            breaker_cooldown=breaker_cooldown,
         )
 
     async def run(self, ctx: RunContext) -> RunResult:
@@ -801,59 +823,69 @@ class Sync:
             params[p.size_param] = p.size
         url: str | None = self.cfg.url
         number = p.start if p.type == "page" else 0
-        total_read = 0
+        read = 0
         for index in range(p.max_pages + 1):
             if index == p.max_pages:
                 raise SyncError(
                     f"stopped after pagination.max_pages ({p.max_pages}) pages", error_type="pagination_loop"
                 )
             assert url is not None
-            if p.type == "page":
-                params[p.param] = number
-            elif p.type == "offset":
-                params[p.param] = total_read
-            request_id = url + "?" + json.dumps(params, sort_keys=True, default=str)
-            if request_id in self.seen_requests:
-                raise SyncError(
-                    f"{_safe_url(url)}: the same page was requested twice", error_type="pagination_loop"
-                )
-            self.seen_requests.add(request_id)
-            page = await self.fetcher.get(url, params)
-            records = dig(page.body, self.cfg.records_path)
-            if records is _MISSING or not isinstance(records, list):
-                raise SyncError(
-                    f"{_safe_url(url)}: no list of records at records_path {self.cfg.records_path!r}",
-                    error_type="upstream_invalid",
-                )
-            if records and page.digest in self.seen_pages:
-                raise SyncError(
-                    f"{_safe_url(url)}: the same page came back twice", error_type="pagination_loop"
-                )
-            self.seen_pages.add(page.digest)
-            total_read += len(records)
+            if p.type in ("page", "offset"):
+                params[p.param] = number if p.type == "page" else read
+            page, records = await self._fetch(url, params)
+            read += len(records)
             yield records
-            if not records or p.type == "none":
+            if not records or p.type == "none" or self._read_all(page, read):
                 return
-            if p.has_more_path is not None and not dig(page.body, p.has_more_path):
+            number += 1
+            url, params = self._next(page, url, params)
+            if url is None:
                 return
-            if p.total_path is not None:
-                total = dig(page.body, p.total_path)
-                if isinstance(total, int | float) and total_read >= total:
-                    return
-            if p.type == "page":
-                number += 1
-            elif p.type == "cursor":
-                cursor = dig(page.body, p.cursor_path)
-                if cursor is _MISSING or cursor in (None, ""):
-                    return
-                params[p.param] = cursor
-            elif p.type in ("next_url", "link_header"):
-                nxt = dig(page.body, p.next_url_path) if p.type == "next_url" else _link_next(page.headers)
-                if nxt is _MISSING or not nxt:
-                    return
-                url = urljoin(page.url, str(nxt))
-                # the next URL carries its own query: keep only what must go with every request
-                params = dict(self.fetcher.base_params) if urlsplit(url).query == "" else {}
+
+    async def _fetch(self, url: str, params: dict[str, Any]) -> tuple[Page, list[Any]]:
+        """One page and its records; a page asked for or answered twice is a pagination loop."""
+        request_id = url + "?" + json.dumps(params, sort_keys=True, default=str)
+        if request_id in self.seen_requests:
+            raise SyncError(
+                f"{_safe_url(url)}: the same page was requested twice", error_type="pagination_loop"
+            )
+        self.seen_requests.add(request_id)
+        page = await self.fetcher.get(url, params)
+        records = dig(page.body, self.cfg.records_path)
+        if records is _MISSING or not isinstance(records, list):
+            raise SyncError(
+                f"{_safe_url(url)}: no list of records at records_path {self.cfg.records_path!r}",
+                error_type="upstream_invalid",
+            )
+        if records and page.digest in self.seen_pages:
+            raise SyncError(f"{_safe_url(url)}: the same page came back twice", error_type="pagination_loop")
+        self.seen_pages.add(page.digest)
+        return page, records
+
+    def _read_all(self, page: Page, read: int) -> bool:
+        """Does the page say there is no more (has_more_path false, total_path reached)?"""
+        p = self.cfg.pagination
+        if p.has_more_path is not None and not dig(page.body, p.has_more_path):
+            return True
+        total = dig(page.body, p.total_path) if p.total_path is not None else None
+        return isinstance(total, int | float) and read >= total
+
+    def _next(self, page: Page, url: str, params: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """Where the next page is (the URL, or None when there is none) and its parameters."""
+        p = self.cfg.pagination
+        if p.type == "cursor":
+            cursor = dig(page.body, p.cursor_path)
+            if cursor is _MISSING or cursor in (None, ""):
+                return None, params
+            return url, {**params, p.param: cursor}
+        if p.type in ("next_url", "link_header"):
+            nxt = dig(page.body, p.next_url_path) if p.type == "next_url" else _link_next(page.headers)
+            if nxt is _MISSING or not nxt:
+                return None, params
+            url = urljoin(page.url, str(nxt))
+            # the next URL carries its own query: keep only what must go with every request
+            return url, dict(self.fetcher.base_params) if urlsplit(url).query == "" else {}
+        return url, params
 
 
 def _link_next(headers: httpx.Headers) -> str | None:

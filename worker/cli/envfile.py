@@ -98,22 +98,7 @@ def _value(text: str, i: int, line: int) -> tuple[str, int, int]:
             keep = len(out)
             i = close + 1
         elif not unquoted and c == '"':
-            i += 1
-            while i < n and text[i] != '"':
-                if text[i] == "\\" and i + 1 < n:
-                    escaped = text[i + 1]
-                    if escaped in _DOUBLE_QUOTE_ESCAPES:
-                        out.append(escaped)
-                    elif escaped == "\n":
-                        line += 1  # joins the lines
-                    else:
-                        out.extend(("\\", escaped))
-                    i += 2
-                    continue
-                line += text[i] == "\n"
-                out.append(text[i])
-                i += 1
-            i += 1
+            i, line = _double_quoted(text, i + 1, line, out)
             keep = len(out)
         elif c == "\\":
             unquoted = True
@@ -131,6 +116,27 @@ def _value(text: str, i: int, line: int) -> tuple[str, int, int]:
                 keep = len(out)
             i += 1
     return "".join(out[:keep]), i, line
+
+
+def _double_quoted(text: str, i: int, line: int, out: list[str]) -> tuple[int, int]:
+    """Append the double-quoted piece starting at text[i] (after its quote) to `out`; returns
+    the index after its closing quote and the line number there."""
+    n = len(text)
+    while i < n and text[i] != '"':
+        if text[i] == "\\" and i + 1 < n:
+            escaped = text[i + 1]
+            if escaped in _DOUBLE_QUOTE_ESCAPES:
+                out.append(escaped)
+            elif escaped == "\n":
+                line += 1  # joins the lines
+            else:
+                out.extend(("\\", escaped))
+            i += 2
+            continue
+        line += text[i] == "\n"
+        out.append(text[i])
+        i += 1
+    return i + 1, line
 
 
 def load(path: str) -> EnvFile:

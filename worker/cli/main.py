@@ -50,7 +50,7 @@ _DATABASE_URL_HELP = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one declaration per command, read top to bottom
     # --database-url goes before or after the command; after it wins. The command's copy has no
     # default so that it does not overwrite one given before the command.
     common = _Parser(add_help=False)

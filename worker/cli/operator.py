@@ -24,6 +24,7 @@ from worker.db.queries import Q
 Handler = Callable[[argparse.Namespace, db.Target], int]
 
 
+# long: one declaration per command, read top to bottom
 def add_commands(sub: Any, common: argparse.ArgumentParser, commands: dict[str, Handler]) -> None:
     """Add the operator commands to the `syncworker` parser (`sub`: its subparsers)."""
     pause = sub.add_parser(

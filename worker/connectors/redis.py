@@ -97,16 +97,7 @@ class RedisConnector(Connector):
                 source, {"type", "pattern", "set_column", "member_column", "score_column"}, "source"
             )
             pattern = _pattern(source)
-            for field_name, value in (
-                ("set_column", set_column),
-                ("member_column", member_column),
-                ("score_column", score_column),
-            ):
-                identifier(value, f"source.{field_name}")
-            if len({set_column, member_column, score_column}) < 3:
-                raise ConfigError("source", "set_column, member_column and score_column must differ")
-            if key_column is not None:
-                raise ConfigError("key_column", "the pattern form is keyed by (set_column, member_column)")
+            _check_pattern_columns(set_column, member_column, score_column, key_column)
         else:
             reject_unknown(source, {"type", "pattern", "fields"}, "source")
             pattern = _pattern(source)
@@ -131,13 +122,7 @@ class RedisConnector(Connector):
         )
         if key_column and key_column in (sets or fields):
             raise ConfigError("key_column", f'"{key_column}" is also a value column')
-        missing = set(destination.key) - set(parsed.columns)
-        if missing:
-            raise ConfigError(
-                "destination.key",
-                f"must be among the columns this source gives ({', '.join(parsed.columns)}); "
-                f"not {', '.join(sorted(missing))}",
-            )
+        _check_key(parsed)
         return parsed
 
     async def run(self, ctx: RunContext) -> RunResult:
@@ -297,3 +282,28 @@ async def _hashes(cfg: RedisConfig, client: aioredis.Redis) -> AsyncIterator[lis
             (key[len(prefix) :] if prefix else key, *(_text(v) for v in found))
             for key, found in zip(keys, values, strict=True)
         ]
+
+
+def _check_pattern_columns(set_column: Any, member_column: Any, score_column: Any, key_column: Any) -> None:
+    """The pattern form of a zset source: three distinct column names, keyed by set and member."""
+    for field_name, value in (
+        ("set_column", set_column),
+        ("member_column", member_column),
+        ("score_column", score_column),
+    ):
+        identifier(value, f"source.{field_name}")
+    if len({set_column, member_column, score_column}) < 3:
+        raise ConfigError("source", "set_column, member_column and score_column must differ")
+    if key_column is not None:
+        raise ConfigError("key_column", "the pattern form is keyed by (set_column, member_column)")
+
+
+def _check_key(parsed: RedisConfig) -> None:
+    """The destination's key must be among the columns the source gives."""
+    missing = set(parsed.destination.key) - set(parsed.columns)
+    if missing:
+        raise ConfigError(
+            "destination.key",
+            f"must be among the columns this source gives ({', '.join(parsed.columns)}); "
+            f"not {', '.join(sorted(missing))}",
+        )

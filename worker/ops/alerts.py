@@ -359,22 +359,13 @@ class AlertLoop:
         return delivered
 
     async def _deliver(self, row: dict[str, Any], event: str) -> int:
+        """Send one incident's event on every channel that has not had it; how many sent."""
         key = (int(row["id"]), event)
         state = self.pending.setdefault(key, _Pending())
         now = time.monotonic()
         if state.next_try > now:
             return 0
-        message = Message(
-            alert_id=int(row["id"]),
-            event=event,
-            kind=row["kind"],
-            integration=row["integration"],
-            integration_id=int(row["integration_id"]),
-            run_id=row["run_id"],
-            summary=row["summary"],
-            opened_at=row["opened_at"],
-            closed_at=row["closed_at"],
-        )
+        message = _message(row, event)
         sent = 0
         failed: list[str] = []
         waiting = False
@@ -395,31 +386,35 @@ class AlertLoop:
             sent += 1
             self.metrics.alerts_sent.labels(channel=channel, event=event).inc()
         if failed:
-            state.attempts += 1
-            state.error = "; ".join(failed)[:1000]
-            state.next_try = time.monotonic() + state.delay
-            state.delay = min(state.delay * 2, MAX_RETRY)
-            started = row["closed_at"] if event == "recovered" else row["opened_at"]
-            age = (datetime.now(UTC) - started).total_seconds()
-            if age > GIVE_UP_AFTER:
-                log.error(
-                    "giving up alert %s (%s, %s): %s", message.alert_id, message.subject, event, state.error
-                )
-                await self._finish(key, row, event, state)
-                return sent
-            log.warning(
-                "alert %s (%s) not delivered, retrying in %.0fs: %s",
-                message.alert_id,
-                message.subject,
-                state.delay / 2,
-                state.error,
-            )
-            await self._mark(int(row["id"]), opened=False, recovered=False, attempts=1, error=state.error)
-            return sent
-        if waiting:
-            return sent
-        await self._finish(key, row, event, state)
+            await self._not_delivered(key, row, message, state, failed)
+        elif not waiting:
+            await self._finish(key, row, event, state)
         return sent
+
+    async def _not_delivered(
+        self, key: tuple[int, str], row: dict[str, Any], message: Message, state: _Pending, failed: list[str]
+    ) -> None:
+        """Some channels failed: retry later with backoff, or give up on an old incident."""
+        event = message.event
+        state.attempts += 1
+        state.error = "; ".join(failed)[:1000]
+        state.next_try = time.monotonic() + state.delay
+        state.delay = min(state.delay * 2, MAX_RETRY)
+        started = row["closed_at"] if event == "recovered" else row["opened_at"]
+        if (datetime.now(UTC) - started).total_seconds() > GIVE_UP_AFTER:
+            log.error(
+                "giving up alert %s (%s, %s): %s", message.alert_id, message.subject, event, state.error
+            )
+            await self._finish(key, row, event, state)
+            return
+        log.warning(
+            "alert %s (%s) not delivered, retrying in %.0fs: %s",
+            message.alert_id,
+            message.subject,
+            state.delay / 2,
+            state.error,
+        )
+        await self._mark(int(row["id"]), opened=False, recovered=False, attempts=1, error=state.error)
 
     async def _finish(self, key: tuple[int, str], row: dict[str, Any], event: str, state: _Pending) -> None:
         rescued = row["kind"] == "rescued"
@@ -449,3 +444,18 @@ class AlertLoop:
 
 
 math_inf = float("inf")
+
+
+def _message(row: dict[str, Any], event: str) -> Message:
+    """The message of one incident's event, from its `syncworker.alerts` row."""
+    return Message(
+        alert_id=int(row["id"]),
+        event=event,
+        kind=row["kind"],
+        integration=row["integration"],
+        integration_id=int(row["integration_id"]),
+        run_id=row["run_id"],
+        summary=row["summary"],
+        opened_at=row["opened_at"],
+        closed_at=row["closed_at"],
+    )

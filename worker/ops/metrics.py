@@ -24,7 +24,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from worker.db.queries import Q
-from worker.run.runner import Job, Runner
+from worker.run.runner import Job, PooledRunner
 
 log = logging.getLogger("syncworker.metrics")
 
@@ -106,7 +106,7 @@ class Metrics:
         self.run_duration.labels(kind=kind).observe(seconds)
 
 
-class MeasuredRunner(Runner):
+class MeasuredRunner(PooledRunner):
     """The runner, counting each run it executes in `metrics`."""
 
     def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
@@ -194,76 +194,83 @@ class Fleet(Collector):
         )
         if not snap.taken:
             return
-        labels = ["integration", "kind"]
-        enabled = GaugeMetricFamily(
-            "syncworker_integration_enabled", "1 if the job is enabled", labels=labels
-        )
-        health = GaugeMetricFamily(
-            "syncworker_integration_health",
-            "1 for the job's health word in syncworker.status, 0 for the others",
-            labels=[*labels, "health"],
-        )
-        last_success = GaugeMetricFamily(
-            "syncworker_integration_last_success_timestamp_seconds",
-            "When the job last succeeded (success or partial), Unix time; absent if never",
-            labels=labels,
-        )
-        last_duration = GaugeMetricFamily(
-            "syncworker_integration_last_duration_seconds",
-            "Duration of the job's latest finished run",
-            labels=labels,
-        )
-        failures = GaugeMetricFamily(
-            "syncworker_integration_consecutive_failures",
-            "Failed runs in a row (retry_count)",
-            labels=labels,
-        )
-        next_due = GaugeMetricFamily(
-            "syncworker_integration_next_due_timestamp_seconds",
-            "When the job is next due, Unix time; absent for a job with nothing scheduled",
-            labels=labels,
-        )
-        running = GaugeMetricFamily(
-            "syncworker_integration_running", "1 while a run of the job is in progress", labels=labels
-        )
-        running_for = GaugeMetricFamily(
-            "syncworker_integration_running_seconds",
-            "How long the job's run in progress has taken so far (0 when idle)",
-            labels=labels,
-        )
-        for job in snap.jobs:
-            key = [_label(job.get("name"), 200), _label(job.get("kind"))]
-            enabled.add_metric(key, 1.0 if job.get("enabled") else 0.0)
-            word = job.get("health")
-            for known in HEALTH_WORDS:
-                health.add_metric([*key, known], 1.0 if word == known else 0.0)
-            if job.get("last_success_epoch") is not None:
-                last_success.add_metric(key, float(job["last_success_epoch"]))
-            if job.get("last_duration_ms") is not None:
-                last_duration.add_metric(key, float(job["last_duration_ms"]) / 1000)
-            failures.add_metric(key, float(job.get("retry_count") or 0))
-            if job.get("next_sync_epoch") is not None and job.get("enabled"):
-                next_due.add_metric(key, float(job["next_sync_epoch"]))
-            running.add_metric(key, 1.0 if job.get("running") else 0.0)
-            since = job.get("running_since_epoch")
-            running_for.add_metric(key, max(0.0, snap.db_now - float(since)) if since is not None else 0.0)
-        yield from (enabled, health, last_success, last_duration, failures, next_due, running, running_for)
+        yield from _job_families(snap)
+        yield from _fleet_families(snap)
 
-        errors = GaugeMetricFamily(
-            "syncworker_unresolved_errors",
-            "Unresolved rows in sync_errors, by error_type",
-            labels=["error_type"],
-        )
-        for error_type, count in sorted(snap.errors.items()):
-            errors.add_metric([_label(error_type)], float(count))
-        yield errors
 
-        alive = [w for w in snap.workers if w.get("alive")]
-        yield GaugeMetricFamily(
-            "syncworker_workers_alive", "Replicas holding their liveness lock", value=float(len(alive))
-        )
-        yield GaugeMetricFamily(
-            "syncworker_leaders",
-            "Live replicas that say they lead (1 in a healthy fleet)",
-            value=float(sum(1 for w in alive if w.get("leader"))),
-        )
+def _job_families(snap: Snapshot) -> list[Metric]:
+    """One series per integration and family, from the fleet snapshot."""
+    labels = ["integration", "kind"]
+    enabled = GaugeMetricFamily("syncworker_integration_enabled", "1 if the job is enabled", labels=labels)
+    health = GaugeMetricFamily(
+        "syncworker_integration_health",
+        "1 for the job's health word in syncworker.status, 0 for the others",
+        labels=[*labels, "health"],
+    )
+    last_success = GaugeMetricFamily(
+        "syncworker_integration_last_success_timestamp_seconds",
+        "When the job last succeeded (success or partial), Unix time; absent if never",
+        labels=labels,
+    )
+    last_duration = GaugeMetricFamily(
+        "syncworker_integration_last_duration_seconds",
+        "Duration of the job's latest finished run",
+        labels=labels,
+    )
+    failures = GaugeMetricFamily(
+        "syncworker_integration_consecutive_failures",
+        "Failed runs in a row (retry_count)",
+        labels=labels,
+    )
+    next_due = GaugeMetricFamily(
+        "syncworker_integration_next_due_timestamp_seconds",
+        "When the job is next due, Unix time; absent for a job with nothing scheduled",
+        labels=labels,
+    )
+    running = GaugeMetricFamily(
+        "syncworker_integration_running", "1 while a run of the job is in progress", labels=labels
+    )
+    running_for = GaugeMetricFamily(
+        "syncworker_integration_running_seconds",
+        "How long the job's run in progress has taken so far (0 when idle)",
+        labels=labels,
+    )
+    for job in snap.jobs:
+        key = [_label(job.get("name"), 200), _label(job.get("kind"))]
+        enabled.add_metric(key, 1.0 if job.get("enabled") else 0.0)
+        word = job.get("health")
+        for known in HEALTH_WORDS:
+            health.add_metric([*key, known], 1.0 if word == known else 0.0)
+        if job.get("last_success_epoch") is not None:
+            last_success.add_metric(key, float(job["last_success_epoch"]))
+        if job.get("last_duration_ms") is not None:
+            last_duration.add_metric(key, float(job["last_duration_ms"]) / 1000)
+        failures.add_metric(key, float(job.get("retry_count") or 0))
+        if job.get("next_sync_epoch") is not None and job.get("enabled"):
+            next_due.add_metric(key, float(job["next_sync_epoch"]))
+        running.add_metric(key, 1.0 if job.get("running") else 0.0)
+        since = job.get("running_since_epoch")
+        running_for.add_metric(key, max(0.0, snap.db_now - float(since)) if since is not None else 0.0)
+    return [enabled, health, last_success, last_duration, failures, next_due, running, running_for]
+
+
+def _fleet_families(snap: Snapshot) -> Iterator[Metric]:
+    """Unresolved errors by type, the replicas alive and the leaders."""
+    errors = GaugeMetricFamily(
+        "syncworker_unresolved_errors",
+        "Unresolved rows in sync_errors, by error_type",
+        labels=["error_type"],
+    )
+    for error_type, count in sorted(snap.errors.items()):
+        errors.add_metric([_label(error_type)], float(count))
+    yield errors
+
+    alive = [w for w in snap.workers if w.get("alive")]
+    yield GaugeMetricFamily(
+        "syncworker_workers_alive", "Replicas holding their liveness lock", value=float(len(alive))
+    )
+    yield GaugeMetricFamily(
+        "syncworker_leaders",
+        "Live replicas that say they lead (1 in a healthy fleet)",
+        value=float(sum(1 for w in alive if w.get("leader"))),
+    )

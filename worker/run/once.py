@@ -37,7 +37,7 @@ async def run_once(url: str, name: str, *, dry_run: bool = False, local_check: b
     OneShotError, and the job is left as it is.  Without it, such a job fails and is
     disabled as it would on a worker whose environment lacks them.
     """
-    runner = Runner(None, None)
+    runner = Runner()
     async with await psycopg.AsyncConnection.connect(
         url, autocommit=True, **db.connect_kwargs("syncworker run-once")
     ) as conn:
@@ -55,40 +55,48 @@ async def run_once(url: str, name: str, *, dry_run: bool = False, local_check: b
                 f"Run it where the worker runs, or ask a worker: syncworker trigger {name}"
             )
         if dry_run:
-            job = Job.from_row(
-                {
-                    **row,
-                    "run_id": 0,
-                    "trigger": "manual",
-                    "attempt": row["retry_count"] + 1,
-                    "scheduled_for": None,
-                    "locked_at": None,
-                }
-            )
-            try:
-                result, ctx = await runner.preview(conn, job)
-            except ConfigError:
-                raise
-            except Exception as exc:
-                # an unset secret, an open circuit breaker, an unreachable source: one line
-                failure = classify(exc, timed_out=isinstance(exc, TimeoutError))
-                message = failure.message.removeprefix(f"{type(exc).__name__}: ")
-                raise OneShotError(f"dry run of {name} failed: {failure.error_type}: {message}") from None
-            state = ctx.state if result.state is None else result.state
-            return OneShot(None, None, result, state, ctx.failed_records)
-        await cur.execute(Q["try_lock_integration"], {"integration_id": row["id"]})
-        locked = await cur.fetchone()
-        if not locked or not locked["locked"]:
-            raise OneShotError(f"{name} is running on a worker right now; try again when it finishes")
-        try:
-            await cur.execute(Q["claim_by_name"], {"name": name})
-            claimed = await cur.fetchone()
-        except psycopg.errors.LockNotAvailable:
-            claimed = None
-        if claimed is None:
-            await conn.execute(Q["unlock_integration"], {"integration_id": row["id"]})
-            raise OneShotError(f"{name} is being started by a worker right now")
+            return await _dry_run(runner, conn, row)
+        claimed = await _claim(conn, row)
         # From here on the runner releases the lock, after the run's final commit.
         job = Job.from_row(claimed)
         status = await runner.run_on(conn, job)
         return OneShot(status, job.run_id)
+
+
+async def _dry_run(runner: Runner, conn: psycopg.AsyncConnection[Any], row: dict[str, Any]) -> OneShot:
+    """The run, rolled back: what it would have written."""
+    name = row["name"]
+    job = Job.from_row(
+        {**row, "run_id": 0, "trigger": "manual", "attempt": row["retry_count"] + 1}
+        | {"scheduled_for": None, "locked_at": None}
+    )
+    try:
+        result, ctx = await runner.preview(conn, job)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        # an unset secret, an open circuit breaker, an unreachable source: one line
+        failure = classify(exc, timed_out=isinstance(exc, TimeoutError))
+        message = failure.message.removeprefix(f"{type(exc).__name__}: ")
+        raise OneShotError(f"dry run of {name} failed: {failure.error_type}: {message}") from None
+    state = ctx.state if result.state is None else result.state
+    return OneShot(None, None, result, state, ctx.failed_records)
+
+
+async def _claim(conn: psycopg.AsyncConnection[Any], row: dict[str, Any]) -> dict[str, Any]:
+    """Take the job's lock on this session and open a manual run of it, unless a worker has it."""
+    name = row["name"]
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(Q["try_lock_integration"], {"integration_id": row["id"]})
+    locked = await cur.fetchone()
+    if not locked or not locked["locked"]:
+        raise OneShotError(f"{name} is running on a worker right now; try again when it finishes")
+    try:
+        await cur.execute(Q["claim_by_name"], {"name": name})
+        claimed = await cur.fetchone()
+    except psycopg.errors.LockNotAvailable:
+        claimed = None
+    if claimed is None:
+        await conn.execute(Q["unlock_integration"], {"integration_id": row["id"]})
+        raise OneShotError(f"{name} is being started by a worker right now")
+    return claimed

@@ -15,87 +15,38 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
 from worker import connectors, logs
 from worker.connectors.base import ConfigError, FencedError, RecordError, RunContext, RunResult, is_fence
+from worker.db import Pool
 from worker.db.queries import Q
 from worker.run import hooks, outcome, schedule
 from worker.run.census import Census
 from worker.run.outcome import Ending, Failure, Job, classify
 from worker.secrets import redact
 
-__all__ = ["Job", "Runner"]
+__all__ = ["Job", "PooledRunner", "Runner"]
 
 log = logging.getLogger("syncworker.run")
 
 
 class Runner:
-    """Executes claimed jobs.  Each run uses a session of its own from `run_pool`."""
+    """Executes a claimed job on a session the caller holds (`run_on`, `preview`): lock, run
+    the connector under its timeout, commit the fenced result and the next slot.
+
+    `PooledRunner` is the worker's: it takes the sessions from its pools and chains runs.
+    """
 
     def __init__(
         self,
-        run_pool: AsyncConnectionPool[AsyncConnection[TupleRow]] | None,
-        pool: AsyncConnectionPool[AsyncConnection[TupleRow]] | None,
         *,
         max_backoff: float = schedule.DEFAULT_MAX_BACKOFF,
         rand: Callable[[], float] = random.random,
         census: Census | None = None,
     ) -> None:
-        self.run_pool = run_pool
-        self.pool = pool
         self.max_backoff = max_backoff
         self.rand = rand
         self.census = census or Census()
-
-    async def run(self, job: Job, worker_id: int, more: Callable[[], bool]) -> None:
-        """Run `job` on a session of its own; then, for as long as `more()` allows, the
-        due jobs that session claims, each in the same round trip as the previous
-        run's final commit."""
-        assert self.run_pool is not None
-        for _ in range(3):
-            try:
-                async with self.run_pool.connection() as conn:
-                    await self._serve(conn, job, worker_id, more)
-                return
-            except _StaleSession:
-                continue  # a pooled session died while idle (e.g. a server restart): take another
-        await self._abandon(job, "no working database session for the run")
-
-    async def _serve(
-        self, conn: AsyncConnection[TupleRow], job: Job, worker_id: int, more: Callable[[], bool]
-    ) -> None:
-        current: Job | None = job
-        while current is not None:
-            logs.bind(current.name, current.run_id)
-            log.info("run started (trigger=%s, attempt=%s)", current.trigger, current.attempt)
-            following = _NextClaim(conn, worker_id) if more() else None
-            try:
-                await self._run_on(conn, current, following)
-                if following is not None and not following.done and more():
-                    announce = self.census.quiet()
-                    await following.claim(announce=announce)
-                    if following.job is not None:
-                        self.census.claimed([following.job.run_id], announced=announce)
-            except psycopg.OperationalError as exc:
-                # The session (and with it the lock) is gone: nothing of this run may commit.
-                log.warning("run session lost: %s", redact(str(exc)))
-                await self._abandon(current, f"the run lost its database session: {redact(str(exc))[:300]}")
-                # A claim may have committed without its reply reaching us: its run is
-                # the rescuer's now, so make sure the leader is looking.
-                self.census.announce()
-                return
-            except _StaleSession:
-                raise  # nothing happened yet: `run` takes another session
-            except Exception as exc:
-                # Nothing should get here; if something does, it is this run's failure, never
-                # a loop: the session (and whatever it holds) is closed, and the run is
-                # finished as failed from another session, fenced on being the live run.
-                log.error("run failed inside the worker", exc_info=exc)
-                await conn.close()
-                await self._fail_elsewhere(current, classify(exc, timed_out=False))
-                return
-            current = following.job if following is not None else None
 
     async def run_on(self, conn: AsyncConnection[TupleRow], job: Job) -> str | None:
         """Run `job` on a session of the caller's (`run-once`), which holds its lock."""
@@ -350,10 +301,68 @@ class Runner:
         else:
             log.info("%s, next at %s", done, ending.plan.next_sync_at)
 
+
+class PooledRunner(Runner):
+    """The worker's runner: each run on a session of its own from `run_pool`, chained with
+    the next due job that session claims; `pool` (the control pool) hands back or fails a
+    run whose own session is gone."""
+
+    def __init__(self, run_pool: Pool, pool: Pool, **options: Any) -> None:
+        super().__init__(**options)
+        self.run_pool = run_pool
+        self.pool = pool
+
+    async def run(self, job: Job, worker_id: int, more: Callable[[], bool]) -> None:
+        """Run `job` on a session of its own; then, for as long as `more()` allows, the
+        due jobs that session claims, each in the same round trip as the previous
+        run's final commit."""
+        for _ in range(3):
+            try:
+                async with self.run_pool.connection() as conn:
+                    await self._serve(conn, job, worker_id, more)
+                return
+            except _StaleSession:
+                continue  # a pooled session died while idle (e.g. a server restart): take another
+        await self._abandon(job, "no working database session for the run")
+
+    async def _serve(
+        self, conn: AsyncConnection[TupleRow], job: Job, worker_id: int, more: Callable[[], bool]
+    ) -> None:
+        current: Job | None = job
+        while current is not None:
+            logs.bind(current.name, current.run_id)
+            log.info("run started (trigger=%s, attempt=%s)", current.trigger, current.attempt)
+            following = _NextClaim(conn, worker_id) if more() else None
+            try:
+                await self._run_on(conn, current, following)
+                if following is not None and not following.done and more():
+                    announce = self.census.quiet()
+                    await following.claim(announce=announce)
+                    if following.job is not None:
+                        self.census.claimed([following.job.run_id], announced=announce)
+            except psycopg.OperationalError as exc:
+                # The session (and with it the lock) is gone: nothing of this run may commit.
+                log.warning("run session lost: %s", redact(str(exc)))
+                await self._abandon(current, f"the run lost its database session: {redact(str(exc))[:300]}")
+                # A claim may have committed without its reply reaching us: its run is
+                # the rescuer's now, so make sure the leader is looking.
+                self.census.announce()
+                return
+            except _StaleSession:
+                raise  # nothing happened yet: `run` takes another session
+            except Exception as exc:
+                # Nothing should get here; if something does, it is this run's failure, never
+                # a loop: the session (and whatever it holds) is closed, and the run is
+                # finished as failed from another session, fenced on being the live run.
+                log.error("run failed inside the worker", exc_info=exc)
+                await conn.close()
+                await self._fail_elsewhere(current, classify(exc, timed_out=False))
+                return
+            current = following.job if following is not None else None
+
     async def _fail_elsewhere(self, job: Job, failure: Failure) -> None:
         """Finish `job`'s run as failed from a control session (its own session is closed);
         fenced like every finish.  If even that fails, the run is left to the rescuer."""
-        assert self.pool is not None
         self.census.finishing(job.run_id)
         try:
             async with self.pool.connection() as conn:
@@ -369,7 +378,6 @@ class Runner:
 
     async def _abandon(self, job: Job, reason: str) -> None:
         """Hand the job back through another session, retrying while the database is away."""
-        assert self.pool is not None
         self.census.finishing(job.run_id)
         delay = 0.2
         while True:

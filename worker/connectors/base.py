@@ -11,6 +11,8 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
+from worker.errors import ErrorType
+
 # Per-record errors kept in full for one run; beyond this only the count grows,
 # so a source that rejects millions of records cannot exhaust memory.
 MAX_RECORD_ERRORS_KEPT = 10_000
@@ -33,7 +35,7 @@ class EnvironmentProblem(ConfigError):
 class SyncError(Exception):
     """A failure from the outside world; `error_type` is the stable code stored with it."""
 
-    error_type = "sync_failed"
+    error_type: str = ErrorType.SYNC_FAILED
 
     def __init__(self, message: str, *, error_type: str | None = None) -> None:
         super().__init__(message)

@@ -46,6 +46,7 @@ from worker.connectors.base import (
 )
 from worker.connectors.load import Destination, Loader, check_secret, identifier, parse_destination
 from worker.db.queries import Q
+from worker.errors import ErrorType
 
 PAGINATION_TYPES = ("none", "page", "offset", "cursor", "next_url", "link_header")
 DEFAULT_TIMEOUT = 30.0
@@ -458,7 +459,7 @@ def with_lookback(value: Any, seconds: float) -> Any:
 
 
 class CircuitOpen(SyncError):
-    error_type = "circuit_open"
+    error_type = ErrorType.CIRCUIT_OPEN
 
 
 class Host:
@@ -671,14 +672,14 @@ class Fetcher:
                     await self.host.record(response.status_code == 429, f"HTTP {response.status_code}")
                     raise Retryable(
                         f"{where}: HTTP {response.status_code}",
-                        error_type="upstream_http",
+                        error_type=ErrorType.UPSTREAM_HTTP,
                         retry_after=retry_after_seconds(response.headers.get("Retry-After")),
                     )
                 if response.status_code >= 400:
                     await self.host.record(True)
                     raise SyncError(
                         f"{where}: HTTP {response.status_code}: {await _error_body(response)}".strip(),
-                        error_type="upstream_http",
+                        error_type=ErrorType.UPSTREAM_HTTP,
                     )
                 raw = await self._read_capped(response, where)
         except (httpx.TimeoutException, httpx.TransportError) as exc:
@@ -692,7 +693,7 @@ class Fetcher:
         except ValueError as exc:
             await self.host.record(False, "malformed JSON")
             raise Retryable(
-                f"{where}: the response is not valid JSON ({exc})", error_type="upstream_invalid"
+                f"{where}: the response is not valid JSON ({exc})", error_type=ErrorType.UPSTREAM_INVALID
             ) from None
         await self.host.record(True)
         self.ctx.log.debug("fetched %s (%s bytes)", where, len(raw))
@@ -704,7 +705,7 @@ class Fetcher:
             raise SyncError(
                 f"{where}: response of {declared} bytes is over "
                 f"max_response_bytes ({self.cfg.max_response_bytes})",
-                error_type="response_too_large",
+                error_type=ErrorType.RESPONSE_TOO_LARGE,
             )
         chunks: list[bytes] = []
         size = 0
@@ -713,7 +714,7 @@ class Fetcher:
             if size > self.cfg.max_response_bytes:
                 raise SyncError(
                     f"{where}: response over max_response_bytes ({self.cfg.max_response_bytes})",
-                    error_type="response_too_large",
+                    error_type=ErrorType.RESPONSE_TOO_LARGE,
                 )
             chunks.append(chunk)
         return b"".join(chunks)
@@ -827,7 +828,8 @@ class Sync:
         for index in range(p.max_pages + 1):
             if index == p.max_pages:
                 raise SyncError(
-                    f"stopped after pagination.max_pages ({p.max_pages}) pages", error_type="pagination_loop"
+                    f"stopped after pagination.max_pages ({p.max_pages}) pages",
+                    error_type=ErrorType.PAGINATION_LOOP,
                 )
             assert url is not None
             if p.type in ("page", "offset"):
@@ -847,7 +849,7 @@ class Sync:
         request_id = url + "?" + json.dumps(params, sort_keys=True, default=str)
         if request_id in self.seen_requests:
             raise SyncError(
-                f"{_safe_url(url)}: the same page was requested twice", error_type="pagination_loop"
+                f"{_safe_url(url)}: the same page was requested twice", error_type=ErrorType.PAGINATION_LOOP
             )
         self.seen_requests.add(request_id)
         page = await self.fetcher.get(url, params)
@@ -855,10 +857,12 @@ class Sync:
         if records is _MISSING or not isinstance(records, list):
             raise SyncError(
                 f"{_safe_url(url)}: no list of records at records_path {self.cfg.records_path!r}",
-                error_type="upstream_invalid",
+                error_type=ErrorType.UPSTREAM_INVALID,
             )
         if records and page.digest in self.seen_pages:
-            raise SyncError(f"{_safe_url(url)}: the same page came back twice", error_type="pagination_loop")
+            raise SyncError(
+                f"{_safe_url(url)}: the same page came back twice", error_type=ErrorType.PAGINATION_LOOP
+            )
         self.seen_pages.add(page.digest)
         return page, records
 

@@ -24,6 +24,7 @@ from worker.connectors.base import (
     expect,
     require,
 )
+from worker.errors import ErrorType
 
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -84,7 +85,7 @@ class PythonConnector(Connector):
         except (SystemExit, KeyboardInterrupt) as exc:
             # A job calling sys.exit() must not take the whole worker down with it.
             raise SyncError(
-                f"{config.target} raised {type(exc).__name__}({exc})", error_type="exception"
+                f"{config.target} raised {type(exc).__name__}({exc})", error_type=ErrorType.EXCEPTION
             ) from None
         return _as_result(returned, config.target)
 
@@ -129,13 +130,13 @@ def _as_result(returned: Any, target: str) -> RunResult:
         if unknown:
             raise SyncError(
                 f"{target} returned unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}",
-                error_type="bad_result",
+                error_type=ErrorType.BAD_RESULT,
             )
         state = returned.get("state")
         if state is not None and not isinstance(state, dict):
-            raise SyncError(f"{target} returned a state that is not a dict", error_type="bad_result")
+            raise SyncError(f"{target} returned a state that is not a dict", error_type=ErrorType.BAD_RESULT)
         return RunResult(**returned)
     raise SyncError(
         f"{target} returned {type(returned).__name__}; expected a RunResult, dict or None",
-        error_type="bad_result",
+        error_type=ErrorType.BAD_RESULT,
     )

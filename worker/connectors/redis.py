@@ -37,6 +37,7 @@ from worker.connectors.base import (
     require,
 )
 from worker.connectors.load import Loader, check_secret, identifier, parse_destination
+from worker.errors import ErrorType
 
 CHUNK = 1000
 SCORE_TYPE = "double precision"
@@ -141,13 +142,15 @@ class RedisConnector(Connector):
                     await dest.commit()
                 return result
         except redis.exceptions.ConnectionError as exc:
-            raise SyncError(f"redis: {secrets.redact(str(exc))}", error_type="connection") from None
+            raise SyncError(f"redis: {secrets.redact(str(exc))}", error_type=ErrorType.CONNECTION) from None
         except redis.exceptions.TimeoutError as exc:
             raise SyncError(
-                f"redis: timed out: {secrets.redact(str(exc))}", error_type="connection"
+                f"redis: timed out: {secrets.redact(str(exc))}", error_type=ErrorType.CONNECTION
             ) from None
         except redis.exceptions.ResponseError as exc:
-            raise SyncError(f"redis: {secrets.redact(str(exc))}", error_type="source_invalid") from None
+            raise SyncError(
+                f"redis: {secrets.redact(str(exc))}", error_type=ErrorType.SOURCE_INVALID
+            ) from None
         finally:
             await client.aclose()
 
@@ -211,7 +214,9 @@ def _text(value: bytes | str | None) -> str | None:
 async def _expect_type(client: aioredis.Redis, key: str, wanted: str) -> None:
     found = _text(await client.type(key))
     if found not in (wanted, "none"):
-        raise SyncError(f'redis key "{key}" is a {found}, not a {wanted}', error_type="source_invalid")
+        raise SyncError(
+            f'redis key "{key}" is a {found}, not a {wanted}', error_type=ErrorType.SOURCE_INVALID
+        )
 
 
 async def _joined_sets(cfg: RedisConfig, client: aioredis.Redis) -> AsyncIterator[list[tuple[Any, ...]]]:

@@ -20,6 +20,7 @@ import psycopg
 
 from worker import db
 from worker.connectors.base import ConfigError, FencedError, RecordError, RunResult, SyncError
+from worker.errors import ErrorType
 from worker.run import schedule
 from worker.run.cron import CronError
 from worker.secrets import SecretError, redact, redact_value
@@ -79,22 +80,22 @@ class Ending:
 def classify(exc: BaseException, timed_out: bool) -> Failure:
     """The stable error_type and a one-line message for an exception raised by a run."""
     if timed_out:
-        return Failure("timeout", "the run exceeded timeout_seconds and was cancelled", None)
+        return Failure(ErrorType.TIMEOUT, "the run exceeded timeout_seconds and was cancelled", None)
     detail = redact("".join(traceback.format_exception(exc)))[-8000:]
     if isinstance(exc, ConfigError):
-        return Failure("config_invalid", redact(str(exc)), None)
+        return Failure(ErrorType.CONFIG_INVALID, redact(str(exc)), None)
     if isinstance(exc, SyncError):
         error_type = exc.error_type
     elif isinstance(exc, SecretError):
-        error_type = "secret_unavailable"
+        error_type = ErrorType.SECRET_UNAVAILABLE
     elif isinstance(exc, psycopg.OperationalError):
-        error_type = "connection"
+        error_type = ErrorType.CONNECTION
     elif isinstance(exc, psycopg.Error):
-        error_type = "sql_error"
+        error_type = ErrorType.SQL_ERROR
     elif isinstance(exc, OSError | ConnectionError):
-        error_type = "connection"
+        error_type = ErrorType.CONNECTION
     else:
-        error_type = "exception"
+        error_type = ErrorType.EXCEPTION
     message = redact(f"{type(exc).__name__}: {exc}".strip().rstrip(":"))
     return Failure(error_type, message[:MAX_ERROR_TEXT], detail)
 
@@ -126,7 +127,7 @@ def bad_row(job: Job, sched: schedule.Schedule | None, now: datetime, exc: BaseE
     slot = sched.next_slot_or_none(job.scheduled_for, now) if sched else None
     return Ending(
         "failed",
-        Failure("config_invalid", problem, None),
+        Failure(ErrorType.CONFIG_INVALID, problem, None),
         schedule.after_invalid_config(slot, job.retry_count, problem),
     )
 
@@ -152,7 +153,7 @@ def failed(
 ) -> Ending:
     """The run failed: a retry after a backoff, or disabled once `max_retries` retries have
     failed too; a config problem disables at once."""
-    if failure.error_type == "config_invalid":
+    if failure.error_type == ErrorType.CONFIG_INVALID:
         slot = sched.next_slot_or_none(job.scheduled_for, now) if sched else None
         return Ending(
             "failed", failure, schedule.after_invalid_config(slot, job.retry_count, failure.message)
@@ -221,7 +222,11 @@ def error_rows(
     if failed_records > len(record_errors):
         more = failed_records - len(record_errors)
         rows.append(
-            {**base, "error_type": "record_invalid", "message": f"{more} more failed records not kept"}
+            {
+                **base,
+                "error_type": ErrorType.RECORD_INVALID,
+                "message": f"{more} more failed records not kept",
+            }
             | {"detail": None, "record_key": None, "context": {}}
         )
     if ending.failure is not None:

@@ -20,6 +20,7 @@ from worker import connectors, logs
 from worker.connectors.base import ConfigError, FencedError, RecordError, RunContext, RunResult, is_fence
 from worker.db import Pool
 from worker.db.queries import Q
+from worker.errors import ErrorType
 from worker.run import hooks, outcome, schedule
 from worker.run.census import Census
 from worker.run.outcome import Ending, Failure, Job, classify
@@ -192,7 +193,7 @@ class Runner:
                 {
                     "integration_id": job.id,
                     "run_id": job.run_id,
-                    "error_type": "hook_failed",
+                    "error_type": ErrorType.HOOK_FAILED,
                     "message": outcome.text(message),
                     "detail": None,
                     "record_key": None,

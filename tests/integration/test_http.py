@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers import add_job, execute, one, rows
+from helpers import add_job, execute, one, rows, wait_for
 from httpapi import Api, make_records
 from worker.connectors import get
 from worker.connectors.base import ConfigError
@@ -39,6 +39,13 @@ def job(api: Api, path: str, **extra: Any) -> dict[str, Any]:
     config.update(extra)
     # None here means "leave the setting out" (an explicit null in a row is a type error)
     return {key: value for key, value in config.items() if value is not None}
+
+
+def cooled_down(db: str) -> bool:
+    """Has every open breaker's cool-down (3 s in these tests) passed, on the database clock?"""
+    return bool(
+        one(db, "SELECT bool_and(opened_at + interval '3 seconds' <= now()) FROM syncworker.circuit_breakers")
+    )
 
 
 def run(db: str, name: str = "items", **kw: Any) -> OneShot:
@@ -401,14 +408,14 @@ def test_the_circuit_breaker_opens_is_visible_in_sql_and_half_opens_after_the_co
     assert len(api.requests) == 2
 
     # After the cool-down one trial goes out; it fails, and the breaker opens again.
-    time.sleep(3.1)
+    wait_for(lambda: cooled_down(db), timeout=10, what="the breaker's cool-down")
     assert run(db, "other").status == "failed"
     assert len(api.requests) == 3
     assert one(db, "SELECT state FROM syncworker.circuit_breakers") == "open"
 
     # The next trial succeeds: closed, and the sync completes.
     api.faults.clear()
-    time.sleep(3.1)
+    wait_for(lambda: cooled_down(db), timeout=10, what="the breaker's cool-down")
     assert run(db, "other").status == "success"
     assert rows(db, "SELECT state, consecutive_failures FROM syncworker.circuit_breakers") == [
         {"state": "closed", "consecutive_failures": 0}

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from psycopg_pool import AsyncConnectionPool
 
 from helpers import add_job, execute, rows
 from worker.services import realtime
 from worker.services.realtime import Realtime, Sources
+
+
+def flagged(db: str) -> set[str]:
+    """The jobs with a realtime run requested."""
+    return {
+        r["name"]
+        for r in rows(db, "SELECT name FROM syncworker.integrations WHERE pending_trigger = 'realtime'")
+    }
+
+
+def idle(service: Realtime) -> bool:
+    """Nothing waits to be requested and no request is on its way."""
+    return not service.pending and service._flush is None and not service._flushing
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for `condition` (the database and the service change on their own), 10 s at most."""
+    async with asyncio.timeout(10):
+        while not condition():  # noqa: ASYNC110 - the state lives in the database too
+            await asyncio.sleep(realtime.COALESCE_SECONDS / 10)
 
 
 def test_notifications_become_one_realtime_request_per_burst(db: str, empty_db: str) -> None:
@@ -32,7 +53,7 @@ def test_notifications_become_one_realtime_request_per_burst(db: str, empty_db: 
             try:
                 flushed = []
                 # The listener's first act after connecting is one catch-up request for all jobs.
-                await asyncio.sleep(realtime.COALESCE_SECONDS * 3)
+                await until(lambda: flagged(db) == {"orders-mirror", "busy", "other"} and idle(service))
                 execute(
                     db,
                     "UPDATE syncworker.integrations SET pending_trigger = NULL, next_sync_at = '2099-01-01' "
@@ -41,7 +62,7 @@ def test_notifications_become_one_realtime_request_per_burst(db: str, empty_db: 
                 for _ in range(5):
                     execute(empty_db, "NOTIFY syncworker_source, 'public.orders'")
                 execute(empty_db, "NOTIFY syncworker_source, 'public.unrelated'")
-                await asyncio.sleep(realtime.COALESCE_SECONDS * 3)
+                await until(lambda: flagged(db) == {"orders-mirror", "busy"} and idle(service))
                 flushed.append(len(service.pending))
                 return flushed
             finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,9 +104,10 @@ class RunContext:
     dry_run: bool = False
     # the job's usual gap between runs (interval, or cron's next gap); None for manual-only jobs
     period_seconds: float | None = None
+    # How `checkpoint` commits (the runner's, fenced on the run); None in a dry run: nothing commits.
+    commit_state: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     errors: list[RecordError] = field(default_factory=list)
     failed_records: int = 0
-    _checkpoint: Any = None
     _reported: set[tuple[str, str, str]] = field(default_factory=set)
 
     def record_error(
@@ -136,8 +137,8 @@ class RunContext:
 
     async def checkpoint(self, state: dict[str, Any]) -> None:
         """Commit the work done so far together with `state` (fenced on this run being live)."""
-        if self._checkpoint is not None:
-            await self._checkpoint(state)
+        if self.commit_state is not None:
+            await self.commit_state(state)
         self.state = state
 
 

@@ -88,6 +88,7 @@ class Runner:
     def _context(
         self, conn: AsyncConnection[TupleRow], job: Job, config: Any, *, dry_run: bool = False
     ) -> RunContext:
+        """What the connector gets; its checkpoints commit on this session, fenced (not in a dry run)."""
         return RunContext(
             integration_id=job.id,
             name=job.name,
@@ -99,6 +100,7 @@ class Runner:
             log=logging.getLogger(f"syncworker.connector.{job.kind}"),
             trigger=job.trigger,
             dry_run=dry_run,
+            commit_state=None if dry_run else functools.partial(self._checkpoint, conn, job),
         )
 
     async def preview(self, conn: AsyncConnection[TupleRow], job: Job) -> tuple[RunResult, RunContext]:
@@ -135,7 +137,6 @@ class Runner:
 
         ctx = self._context(conn, job, config)
         ctx.period_seconds = period
-        ctx._checkpoint = functools.partial(self._checkpoint, conn, job)
         deadline = asyncio.timeout(job.timeout_seconds)
         try:
             async with deadline:

@@ -30,11 +30,6 @@ _SAFE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _JSON_SHORT = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t"}
 _HTML_NAMED = {"&": "amp", '"': "quot", "'": "(?:apos|#39)", "<": "lt", ">": "gt"}
 
-_known: set[str] = set()  # secrets as resolved
-_encoded: set[str] = set()  # base64 forms (without padding) of secrets and credential pairs
-_pattern: re.Pattern[str] | None = None  # every form of every secret, longest secrets first
-_longest = 0
-_lock = threading.Lock()
 
 
 class SecretError(ValueError):
@@ -76,16 +71,56 @@ def resolve(value: object, field: str) -> str:
     return secret
 
 
-def remember(secret: str) -> None:
-    """Mask `secret` (and its encoded forms) from now on."""
-    if len(secret) >= _MIN_MASKED_LENGTH:
-        _add({secret}, _base64_forms(secret))
+class Redactor:
+    """The secrets this process has seen, and one pattern that finds every form of each.
+
+    The process has one, `REDACTOR`: every log line, error and status output is masked
+    against it (`redact`).  Secrets are added as they are resolved; none is ever removed.
+    """
+
+    def __init__(self) -> None:
+        self._known: set[str] = set()  # secrets as resolved
+        self._encoded: set[str] = set()  # base64 forms (without padding) of secrets and pairs
+        self._pattern: re.Pattern[str] | None = None  # every form of every secret, longest first
+        self.longest = 0  # the longest form's length, with room for padding
+        self._lock = threading.Lock()
+
+    def remember(self, secret: str) -> None:
+        """Mask `secret` (and its encoded forms) from now on."""
+        if len(secret) >= _MIN_MASKED_LENGTH:
+            self._add({secret}, _base64_forms(secret))
+
+    def remember_credentials(self, username: str, password: str) -> None:
+        """Mask a password and the base64 of `username:password`, as sent in basic auth."""
+        self.remember(password)
+        self._add(set(), _base64_forms(f"{username}:{password}"))
+
+    def redact(self, text: str) -> str:
+        """Mask every secret seen so far, in any of its forms, and any DSN password in `text`."""
+        if not text:
+            return text
+        pattern = self._pattern
+        if pattern is not None:
+            text = pattern.sub(MASK, text)
+        return redact_dsn(text)
+
+    def _add(self, texts: set[str], encoded: set[str]) -> None:
+        with self._lock:
+            if texts <= self._known and encoded <= self._encoded:
+                return
+            self._known.update(texts)
+            self._encoded.update(encoded)
+            forms = [(s, _text_pattern(s)) for s in self._known]
+            forms += [(s, _text_pattern(s) + "(?:=|%3[dD]){0,2}") for s in self._encoded]
+            forms.sort(key=lambda form: len(form[0]), reverse=True)
+            self._pattern = re.compile("|".join(pattern for _, pattern in forms))
+            self.longest = len(forms[0][0]) + 2
 
 
-def remember_credentials(username: str, password: str) -> None:
-    """Mask a password and the base64 of `username:password`, as sent in basic auth."""
-    remember(password)
-    _add(set(), _base64_forms(f"{username}:{password}"))
+REDACTOR = Redactor()
+remember = REDACTOR.remember
+remember_credentials = REDACTOR.remember_credentials
+redact = REDACTOR.redact
 
 
 def _base64_forms(text: str) -> set[str]:
@@ -93,20 +128,6 @@ def _base64_forms(text: str) -> set[str]:
     forms = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
     # Without the padding, so that a padded, unpadded or percent-encoded tail all match.
     return {f.rstrip("=") for f in forms if len(f.rstrip("=")) >= _MIN_MASKED_LENGTH}
-
-
-def _add(texts: set[str], encoded: set[str]) -> None:
-    global _pattern, _longest
-    with _lock:
-        if texts <= _known and encoded <= _encoded:
-            return
-        _known.update(texts)
-        _encoded.update(encoded)
-        forms = [(s, _text_pattern(s)) for s in _known]
-        forms += [(s, _text_pattern(s) + "(?:=|%3[dD]){0,2}") for s in _encoded]
-        forms.sort(key=lambda form: len(form[0]), reverse=True)
-        _pattern = re.compile("|".join(pattern for _, pattern in forms))
-        _longest = len(forms[0][0]) + 2
 
 
 def _hex(text: str) -> str:
@@ -142,16 +163,6 @@ def _text_pattern(secret: str) -> str:
     return "".join(_char_pattern(c) for c in secret)
 
 
-def redact(text: str) -> str:
-    """Mask every secret seen so far, in any of its forms, and any DSN password in `text`."""
-    if not text:
-        return text
-    pattern = _pattern
-    if pattern is not None:
-        text = pattern.sub(MASK, text)
-    return redact_dsn(text)
-
-
 def redact_excerpt(text: str, limit: int, *, cut: bool = False) -> str:
     """`text` (an upstream's answer, say) on one line, redacted, at most `limit` characters.
 
@@ -160,7 +171,7 @@ def redact_excerpt(text: str, limit: int, *, cut: bool = False) -> str:
     """
     shown = redact(text)
     if cut:
-        tail = max(256, _longest * _MAX_CHAR_EXPANSION)  # 256: room for a DSN's password too
+        tail = max(256, REDACTOR.longest * _MAX_CHAR_EXPANSION)  # 256: room for a DSN's password too
         shown = shown[: max(0, len(shown) - tail)]
     # Redact again: joining lines could join the parts of a secret that holds a line break.
     shown = redact(" ".join(shown.split()))

@@ -43,12 +43,12 @@ def installed_plugins(tmp_path: Path) -> Iterator[None]:
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
         (info / "entry_points.txt").write_text(f"[syncworker.connectors]\n{entry}\n")
     sys.path.insert(0, str(tmp_path))
-    connectors._cache.clear()
+    connectors.REGISTRY.forget()
     try:
         yield
     finally:
         sys.path.remove(str(tmp_path))
-        connectors._cache.clear()
+        connectors.REGISTRY.forget()
         sys.modules.pop("sw_doubler", None)
 
 

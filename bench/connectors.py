@@ -74,11 +74,22 @@ def add_job(url: str, name: str, kind: str, config: dict[str, Any]) -> None:
     )
 
 
+# Starts the command it is given and reports its peak RSS on stderr. A child forked from
+# this (large) benchmark process would count the parent's memory as its own high-water
+# mark; forked from this small one, it does not.
+RSS_WRAPPER = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[1:])
+print(f"\\nmaxrss_kb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def run_once(url: str, name: str, env: dict[str, str]) -> tuple[float, float, dict[str, Any]]:
     """One run in a child process: (run seconds, peak RSS in MB, the run's row)."""
-    child_env = {**os.environ, **env, "SYNCWORKER_DATABASE_URL": url, "SYNCWORKER_LOG_LEVEL": "warning"}
+    child_env = {**os.environ, "SYNCWORKER_LOG_LEVEL": "warning", **env, "SYNCWORKER_DATABASE_URL": url}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "run-once", name],
+        [sys.executable, "-c", RSS_WRAPPER, sys.executable, "-m", "worker", "run-once", name],
         env=child_env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -86,21 +97,23 @@ def run_once(url: str, name: str, env: dict[str, str]) -> tuple[float, float, di
     )
     assert proc.stderr is not None
     err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
+    peak_kb = int(err.rsplit(b"maxrss_kb=", 1)[1]) if b"maxrss_kb=" in err else 0
     with psycopg.connect(url, autocommit=True) as conn:
         cur = conn.execute(
             "SELECT r.status, r.duration_ms, r.records_processed, r.records_inserted, r.records_updated,"
-            " r.error FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id"
+            " r.records_deleted, r.error"
+            " FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id"
             " WHERE i.name = %s ORDER BY r.id DESC LIMIT 1",
             (name,),
         )
         found = cur.fetchone()
     if found is None or found[0] != "success":
         raise SystemExit(f"run of {name} did not succeed: {found}\n{err.decode(errors='replace')}")
-    keys = ("status", "duration_ms", "processed", "inserted", "updated", "error")
+    keys = ("status", "duration_ms", "processed", "inserted", "updated", "deleted", "error")
     row = dict(zip(keys, found, strict=True))
-    return row["duration_ms"] / 1000, usage.ru_maxrss / 1024, row
+    row["log"] = err.decode(errors="replace")
+    return row["duration_ms"] / 1000, peak_kb / 1024, row
 
 
 def raw_pipe(source: str, dest: str) -> float:
@@ -194,6 +207,178 @@ def bench_postgres_rss(rows: int) -> tuple[str, str, str]:
         seconds, rss, _ = run_once(dest, "pg", {"BENCH_SOURCE_DSN": source})
     what = f"postgres peak RSS, full copy of {rows:,} rows (MB)"
     return (what, f"{rss:.0f} ({rows / seconds:,.0f} rows/s)", "<= 150")
+
+
+ACCOUNTS = """
+CREATE TABLE public.accounts (
+  aid int PRIMARY KEY, bid int NOT NULL, abalance int NOT NULL, filler char(84),
+  updated_at timestamptz NOT NULL DEFAULT now()
+)"""
+# pgbench_accounts' rows (about 100 bytes), all written within the last minute
+FILL_ACCOUNTS = """
+INSERT INTO public.accounts
+SELECT g, (g - 1) / 100000 + 1, 0, '', now() FROM generate_series(%(start)s::int, %(stop)s::int) g"""
+
+
+def raw_accounts_pipe(source: str, dest: str) -> float:
+    """The raw pipe for the accounts table, into a table with the same primary key: seconds."""
+    sql(dest, "DROP TABLE IF EXISTS public.raw_accounts")
+    sql(dest, ACCOUNTS.replace("public.accounts", "public.raw_accounts"))
+    started = time.perf_counter()
+    with psycopg.connect(source) as src, psycopg.connect(dest) as dst:
+        with (
+            src.cursor().copy("COPY public.accounts TO STDOUT") as out,
+            dst.cursor().copy("COPY public.raw_accounts FROM STDIN") as into,
+        ):
+            for block in out:
+                into.write(block)
+        dst.commit()
+    seconds = time.perf_counter() - started
+    sql(dest, "DROP TABLE public.raw_accounts")
+    return seconds
+
+
+def logged_seconds(log: str, what: str) -> float:
+    """Seconds a run's log line reports for `what` (`key buckets of …: … (1.2s)`), 0 if absent."""
+    for line in log.splitlines():
+        if what in line and line.rstrip().endswith("s)"):
+            return float(line.rstrip()[:-2].rsplit("(", 1)[1])
+    return 0.0
+
+
+def bench_mirror(rows: int, lookback_baseline: bool) -> list[tuple[str, str, str]]:
+    """A `postgres` job on a pgbench_accounts-like table written within the last minute."""
+    n = f"{rows:,}"
+    changed = rows // 100
+    out: list[tuple[str, str, str]] = []
+    with database() as source, database() as dest:
+        from worker.db.migrate import upgrade
+
+        upgrade(dest)
+        sql(source, ACCOUNTS)
+        for start in range(1, rows + 1, 1_000_000):
+            sql(source, FILL_ACCOUNTS, {"start": start, "stop": min(rows, start + 999_999)})
+        sql(source, "VACUUM ANALYZE public.accounts")
+        env = {"BENCH_SOURCE_DSN": source, "SYNCWORKER_LOG_LEVEL": "info"}
+        config = {
+            "source": {
+                "dsn": {"env": "BENCH_SOURCE_DSN"},
+                "table": "public.accounts",
+                "key": ["aid"],
+                "updated_at": "updated_at",
+            },
+            "destination": {"table": "public.accounts", "key": ["aid"], "create_table": True},
+            "deletes": "hard",
+        }
+        sql(
+            dest,
+            "INSERT INTO syncworker.integrations (name, kind, config, interval_seconds, next_sync_at)"
+            " VALUES ('pg', 'postgres', %s, 60, NULL)",
+            (json.dumps(config),),
+        )
+        pipe = [raw_accounts_pipe(source, dest)]
+        first, rss_first, row = run_once(dest, "pg", env)
+        assert row["inserted"] == rows, row
+        pipe.append(raw_accounts_pipe(source, dest))
+        raw = sum(pipe) / 2
+        buckets_first = logged_seconds(row["log"], "key buckets of")
+        idle, rss_idle, idle_row = run_once(dest, "pg", env)
+        change = "UPDATE public.accounts SET abalance = abalance + 1, updated_at = now() WHERE aid % 100 = 0"
+        started = time.perf_counter()
+        sql(source, change)
+        source_update = time.perf_counter() - started
+        inc, rss_inc, inc_row = run_once(dest, "pg", env)
+        sql(source, change)
+        inc2, _, inc2_row = run_once(dest, "pg", env)
+        assert inc_row["updated"] == changed, inc_row
+
+        # hard deletes without tombstones: key buckets, forced this run
+        sql(source, "DELETE FROM public.accounts WHERE aid % 1000 = 1")
+        sql(dest, "UPDATE syncworker.integrations SET state = state - 'keys_checked_at'")
+        bucket_run, rss_bucket, bucket_row = run_once(dest, "pg", env)
+        assert bucket_row["deleted"] == rows // 1000, bucket_row
+        bucket_seconds = logged_seconds(bucket_row["log"], "key buckets of")
+
+        # with the delete trigger: tombstones every run (the first run after installing it
+        # still compares buckets: the tombstones start at the install)
+        subprocess.run(
+            [sys.executable, "-m", "worker", "install-trigger", "pg"],
+            env={**os.environ, **env, "SYNCWORKER_DATABASE_URL": dest},
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        run_once(dest, "pg", env)
+        sql(source, "DELETE FROM public.accounts WHERE aid % 1000 = 2")
+        tomb_run, rss_tomb, tomb_row = run_once(dest, "pg", env)
+        assert tomb_row["deleted"] == rows // 1000, tomb_row
+        assert logged_seconds(tomb_row["log"], "key buckets of") == 0.0, tomb_row["log"]
+
+        out += [
+            (
+                f"mirror {n} rows: raw COPY pipe, same run (s)",
+                f"{raw:.2f} ({pipe[0]:.2f} / {pipe[1]:.2f})",
+                "",
+            ),
+            (
+                "  first run in total (s; rows read)",
+                f"{first:.2f}; {row['processed']:,} ({first / raw:.2f}x raw; buckets {buckets_first:.2f})",
+                "<= 1.5x raw",
+            ),
+            ("  next run, nothing changed (s; rows read)", f"{idle:.2f}; {idle_row['processed']:,}", ""),
+            (
+                f"  next run, 1% changed = {changed:,} rows (s; rows read)",
+                f"{inc:.2f}; {inc_row['processed']:,} ({inc / first:.0%} of the first run)",
+                f"<= {2 * changed:,} rows, <= 10%",
+            ),
+            ("    the source's own UPDATE of those rows (s)", f"{source_update:.2f}", "(reference)"),
+            (
+                "    the same rows changed again, next run (s; rows read)",
+                f"{inc2:.2f}; {inc2_row['processed']:,} ({inc2 / first:.0%} of the first run)",
+                "",
+            ),
+            (
+                f"  hard deletes by key buckets, {rows // 1000:,} deleted (s)",
+                f"{bucket_seconds:.2f} (run {bucket_run:.2f})",
+                "",
+            ),
+            (
+                f"  hard deletes by tombstones, {rows // 1000:,} deleted (run, s)",
+                f"{tomb_run:.2f}",
+                "",
+            ),
+            (
+                "  peak RSS: first / incremental / buckets / tombstones (MB)",
+                f"{rss_first:.0f} / {max(rss_idle, rss_inc):.0f} / {rss_bucket:.0f} / {rss_tomb:.0f}",
+                "<= 64",
+            ),
+        ]
+        if lookback_baseline:
+            # The same change found by updated_at and a lookback (what a query source gets).
+            query = {**config["source"], "query": "SELECT * FROM public.accounts"}  # type: ignore[dict-item]
+            del query["table"]
+            sql(
+                dest,
+                "UPDATE syncworker.integrations SET config = %s,"
+                " state = jsonb_build_object('phase', 'incremental', 'watermark', %s::text)",
+                (
+                    json.dumps({**config, "source": query}),
+                    sql(source, "SELECT max(updated_at)::text FROM accounts")[0][0],
+                ),
+            )
+            sql(
+                source,
+                "UPDATE public.accounts SET abalance = abalance + 1, updated_at = now() WHERE aid % 100 = 1",
+            )
+            look, rss_look, look_row = run_once(dest, "pg", env)
+            out.append(
+                (
+                    "  the same 1% by updated_at - lookback (a query source; s, rows read)",
+                    f"{look:.2f}; {look_row['processed']:,}; peak RSS {rss_look:.0f} MB",
+                    "(reference)",
+                )
+            )
+    return out
 
 
 @contextmanager
@@ -292,7 +477,37 @@ def main() -> None:
     parser.add_argument("--http-records", type=int, default=200_000)
     parser.add_argument("--redis-members", type=int, default=100_000)
     parser.add_argument("--naive-sample", type=int, default=20_000)
+    parser.add_argument(
+        "--mirror-rows", default="1000000,5000000", help="sizes for the postgres mirror section"
+    )
+    parser.add_argument("--only", choices=["connectors", "mirror"], help="run one section only")
     args = parser.parse_args()
+
+    if args.only != "connectors":
+        mirror_sizes = [int(size) for size in args.mirror_rows.split(",") if size]
+        mirror: list[tuple[str, str, str]] = []
+        for i, size in enumerate(mirror_sizes):
+            mirror += bench_mirror(size, lookback_baseline=i == 0)
+        save_section(
+            "mirror",
+            "Postgres mirror",
+            [
+                *machine(),
+                "",
+                *table_lines(mirror),
+                "",
+                'A `postgres` job (`key ["aid"]`, `updated_at`, `deletes: hard`, `create_table: true`,',
+                "interval 60 s) on a pgbench_accounts-like table whose rows were all written within the",
+                "last minute; each run is `syncworker run-once` in a child process, timed by its",
+                "`duration_ms`. The raw pipe (`COPY TO STDOUT` into `COPY FROM STDIN`, a table with the",
+                "same primary key) is measured just before and just after the first run. Peak RSS is",
+                "the run-once process's own (started from a small wrapper: a child forked from the",
+                "benchmark itself would count the benchmark's memory as its own). Most of an incremental",
+                "run is the destination applying the changed rows: compare the source's own UPDATE.",
+            ],
+        )
+        if args.only == "mirror":
+            return
 
     sizes = [int(size) for size in args.rss_rows.split(",") if size]
     results = bench_postgres(args.rows, args.naive_sample)

@@ -17,6 +17,7 @@ from psycopg import sql
 from worker import db, secrets
 from worker.connectors import get
 from worker.connectors.postgres import CHANNEL, PostgresConfig, qualified_name
+from worker.connectors.postgres_tracking import DELETE_TRIGGER, TOMBSTONES, tombstone_statements
 from worker.run import hooks
 
 # Keys compared one by one only within this many mismatching hash buckets.
@@ -96,17 +97,33 @@ def trigger_statements(table: tuple[str, ...]) -> list[sql.Composed]:
 
 
 def install_trigger(cfg: PostgresConfig) -> str:
-    """Install the trigger on the job's source table; returns a line saying what was done."""
+    """Install the trigger on the job's source table; returns a line saying what was done.
+
+    For a job with `"deletes": "hard"`, also the delete trigger that records deleted keys
+    in the schema's tombstone table, so that runs find deletes without comparing keys.
+    """
     table = cfg.source.table
     if table is None:
         raise ToolError("the job reads a query, not a table: there is no table to put a trigger on")
+    name = qualified_name(table)
+    schema, _, relname = name.partition(".")
     with connect(cfg.source.dsn, "source.dsn") as conn, conn.transaction():
-        if conn.execute("SELECT to_regclass(%s)", [qualified_name(table)]).fetchone() == (None,):
-            raise ToolError(f"the source has no table {qualified_name(table)}")
+        if conn.execute("SELECT to_regclass(%s)", [name]).fetchone() == (None,):
+            raise ToolError(f"the source has no table {name}")
         for statement in trigger_statements(table):
             conn.execute(statement)
+        if cfg.deletes == "hard":
+            found = conn.execute(
+                "SELECT 1 FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s",
+                [sql.Identifier(schema, relname).as_string(None), DELETE_TRIGGER],
+            ).fetchone()
+            for statement in tombstone_statements(schema, relname, cfg.source.key, fresh=found is None):
+                conn.execute(statement)
     hint = "" if cfg.realtime else ' (set "realtime": true in the job\'s config for the worker to listen)'
-    return f"installed trigger {TRIGGER_NAME} on {qualified_name(table)}: changes notify {CHANNEL}{hint}"
+    line = f"installed trigger {TRIGGER_NAME} on {name}: changes notify {CHANNEL}{hint}"
+    if cfg.deletes == "hard":
+        line += f"; deleted keys are recorded in {schema}.{TOMBSTONES}"
+    return line
 
 
 # -- verify ------------------------------------------------------------------------------------

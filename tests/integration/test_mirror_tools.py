@@ -91,6 +91,41 @@ def test_the_cookbook_file_installs_the_same_trigger(source: str) -> None:
     assert notifications_per_transaction(source) == ["public.orders"]
 
 
+def test_the_cookbook_file_with_a_key_installs_the_delete_trigger(
+    db: str, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_SOURCE_DSN", source)
+    execute(source, "INSERT INTO orders (id, v) SELECT g, 'v' FROM generate_series(1, 50) g")
+    script = str(ROOT / "sql/realtime_trigger.sql")
+    for _ in range(2):  # installing twice is harmless
+        subprocess.run(
+            [
+                "psql",
+                source,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-q",
+                "-v",
+                "table=orders",
+                "-v",
+                "key=id",
+                "-f",
+                script,
+            ],
+            check=True,
+            capture_output=True,
+        )
+    add_job(db, "orders", "postgres", mirror(deletes="hard"))
+    assert asyncio.run(run_once(db, "orders")).status == "success"
+    checked = one(db, "SELECT state->>'keys_checked_at' FROM syncworker.integrations")
+    execute(source, "DELETE FROM orders WHERE id <= 5")
+    assert one(source, "SELECT count(*) FROM syncworker_tombstones WHERE relation = 'public.orders'") == 5
+    assert asyncio.run(run_once(db, "orders")).status == "success"
+    assert one(db, "SELECT count(*) FROM orders_copy") == 45
+    # the deletes came from the tombstones: no key comparison ran
+    assert one(db, "SELECT state->>'keys_checked_at' FROM syncworker.integrations") == checked
+
+
 def test_install_trigger_errors_are_one_line(db: str, source: str) -> None:
     add_job(db, "ticks", "sql", {"statement": "select 1"})
     add_job(
@@ -142,13 +177,13 @@ def test_run_once_dry_run_prints_the_changes_and_writes_nothing(db: str, source:
     result = cli(db, source, "run-once", "orders", "--dry-run")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    # 6 reads: the copy, then the catch-up pass over what changed near the end of it
+    # 3 reads: the copy; the catch-up pass finds nothing written since its snapshot
     assert (
-        lines[0] == "dry run of orders: would insert 3, update 0, delete 0 (6 records read, 0 failed);"
+        lines[0] == "dry run of orders: would insert 3, update 0, delete 0 (3 records read, 0 failed);"
         " nothing was written"
     )
     assert lines[1] == "  keys that would be inserted (first 3): 1, 2, 3"
-    assert lines[2].startswith('state after the run would be: {"phase": "incremental", "watermark": "20')
+    assert lines[2].startswith('state after the run would be: {"phase": "incremental", "xmin": "')
     assert one(db, "SELECT to_regclass('public.orders_copy')") is None
 
 

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from helpers import add_job, create_database, drop_database, execute, one, rows
@@ -84,25 +85,39 @@ def test_first_run_copies_everything_in_batches_then_runs_incrementally(source: 
     assert run(db) == "success"
     assert same(source, db)
     run_row = last_run(db)
-    # everything, then the rows within the lookback of the watermark once more (the catch-up
-    # pass that picks up what changed during the copy)
-    assert (run_row["records_processed"], run_row["records_inserted"]) == (1050 + 4, 1050)
+    # everything, then the rows written since the copy's snapshot (none): the catch-up pass
+    # that picks up what changed during the copy
+    assert (run_row["records_processed"], run_row["records_inserted"]) == (1050, 1050)
     state = one(db, "SELECT state FROM syncworker.integrations")
-    assert state == {"phase": "incremental", "watermark": "2024-01-01 17:30:00+00"}
+    assert set(state) == {"phase", "xmin"} and state["phase"] == "incremental"
 
     execute(source, "UPDATE orders SET total = 0, updated_at = '2024-01-02' WHERE id <= 10")
     execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (5000, 'new', '2024-01-02')")
     assert run(db) == "success"
     assert same(source, db)
     run_row = last_run(db)
-    # 11 changed rows, and the 4 within the lookback (3 x 60 s) before the watermark, read again
+    # the 11 rows written since, and nothing else
     assert (run_row["records_inserted"], run_row["records_updated"]) == (1, 10)
-    assert run_row["records_processed"] == 15
+    assert run_row["records_processed"] == 11
+    assert int(one(db, "SELECT state->>'xmin' FROM syncworker.integrations")) > int(state["xmin"])
+    assert run(db) == "success"
+    assert last_run(db)["records_processed"] == 0
 
 
-def test_rows_sharing_the_watermark_are_never_skipped(source: str, db: str) -> None:
+def query_source(config: dict[str, Any]) -> dict[str, Any]:
+    """The same job reading a query: no xmin to go by, so the updated_at watermark is used."""
+    config["source"] = {**config["source"], "query": "SELECT * FROM orders"}
+    del config["source"]["table"]
+    return config
+
+
+@pytest.mark.parametrize("kind", ["table", "query"])
+def test_rows_sharing_the_watermark_are_never_skipped(source: str, db: str, kind: str) -> None:
     execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (1, 'a', '2024-01-01 10:00')")
-    add_job(db, "orders", "postgres", mirror_config(lookback_seconds=0), interval_seconds=60)
+    config = mirror_config(lookback_seconds=0)
+    add_job(
+        db, "orders", "postgres", query_source(config) if kind == "query" else config, interval_seconds=60
+    )
     assert run(db) == "success"
     # Committed later, but stamped with the same time as the watermark.
     execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (2, 'b', '2024-01-01 10:00')")
@@ -110,24 +125,63 @@ def test_rows_sharing_the_watermark_are_never_skipped(source: str, db: str) -> N
     assert same(source, db)
 
 
-def test_a_late_commit_inside_the_lookback_is_caught(source: str, db: str) -> None:
+@pytest.mark.parametrize("kind", ["table", "query"])
+def test_a_late_commit_inside_the_lookback_is_caught(source: str, db: str, kind: str) -> None:
     execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (1, 'a', '2024-01-01 10:00')")
-    add_job(db, "orders", "postgres", mirror_config(lookback_seconds=600), interval_seconds=60)
+    config = mirror_config(lookback_seconds=600)
+    add_job(
+        db, "orders", "postgres", query_source(config) if kind == "query" else config, interval_seconds=60
+    )
     assert run(db) == "success"
     execute(source, "INSERT INTO orders (id, customer, updated_at) VALUES (2, 'b', '2024-01-01 09:55')")
     assert run(db) == "success"
     assert same(source, db)
+    assert last_run(db)["records_processed"] == (1 if kind == "table" else 2)
+
+
+def test_a_table_source_catches_late_commits_and_skewed_clocks_outside_any_lookback(
+    source: str, db: str
+) -> None:
+    execute(
+        source,
+        "INSERT INTO orders (id, customer, updated_at)"
+        " SELECT g, 'c', now() - interval '1 day' FROM generate_series(1, 500) g",
+    )
+    add_job(db, "orders", "postgres", mirror_config(lookback_seconds=0), interval_seconds=60)
+    assert run(db) == "success"
+    # A transaction that started before the next run, stamps its rows an hour in the past
+    # (a clock behind, or a long transaction using now()), and commits after that run.
+    with psycopg.connect(source) as late:
+        late.execute(
+            "UPDATE orders SET customer = 'late', updated_at = now() - interval '1 hour' WHERE id = 7"
+        )
+        late.execute("SAVEPOINT s")
+        late.execute("INSERT INTO orders (id, customer, updated_at) VALUES (900, 'sub', '2000-01-01')")
+        late.execute("RELEASE SAVEPOINT s")
+        execute(
+            source, "UPDATE orders SET customer = 'ahead', updated_at = now() + interval '1 day' WHERE id = 8"
+        )
+        assert run(db) == "success"
+        assert last_run(db)["records_processed"] == 1  # id 8; id 7 and 900 are not committed
+        late.commit()
+    assert run(db) == "success"
+    assert same(source, db)
+    # ids 7 and 900; and id 8 once more: it committed after the late transaction began, so
+    # the previous run could not tell it from what that transaction might write
+    assert last_run(db)["records_processed"] == 3
 
 
 def test_a_crash_during_the_full_copy_resumes_after_the_last_checkpoint(source: str, db: str) -> None:
     execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' FROM generate_series(1, 500) g")
+    # as the crashed run saved it: the last key copied, and the cursor of the copy's snapshot
+    cursor = one(source, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
     add_job(
         db,
         "orders",
         "postgres",
         mirror_config(),
         interval_seconds=60,
-        state={"phase": "full", "after": ["300"], "high_water": "2030-01-01 00:00:00+00"},
+        state={"phase": "full", "after": ["300"], "high_water": None, "xmin": cursor, "fresh": False},
     )
     assert run(db) == "success"
     assert one(db, "SELECT count(*) FROM orders_copy") == 200
@@ -315,9 +369,24 @@ def test_copy_text_fields_unescape(raw: bytes, text: str | None) -> None:
     assert unescape_copy_field(raw) == text
 
 
-def test_without_updated_at_every_run_reads_the_whole_table_once(source: str, db: str) -> None:
+def test_without_updated_at_a_table_is_still_read_incrementally(source: str, db: str) -> None:
     execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' FROM generate_series(1, 40) g")
     config = mirror_config(deletes="hard", hard_delete_every_seconds=0)
+    del config["source"]["updated_at"]
+    add_job(db, "orders", "postgres", config, interval_seconds=60)
+    assert run(db) == "success"
+    assert last_run(db)["records_processed"] == 40
+    execute(source, "UPDATE orders SET customer = 'x' WHERE id = 3; DELETE FROM orders WHERE id = 4")
+    assert run(db) == "success"
+    run_row = last_run(db)
+    counts = (run_row["records_processed"], run_row["records_updated"], run_row["records_deleted"])
+    assert counts == (1, 1, 1)
+    assert same(source, db)
+
+
+def test_a_query_without_updated_at_is_read_whole_every_run(source: str, db: str) -> None:
+    execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' FROM generate_series(1, 40) g")
+    config = query_source(mirror_config(deletes="hard", hard_delete_every_seconds=0))
     del config["source"]["updated_at"]
     add_job(db, "orders", "postgres", config, interval_seconds=60)
     assert run(db) == "success"

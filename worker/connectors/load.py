@@ -501,27 +501,35 @@ class Loader:
         )
         await self._count_deleted(cur)
 
-    async def delete_unseen(self) -> None:
-        """Delete every destination row whose key no record of this load carried (`track_seen`)."""
+    async def delete_unseen(
+        self, within: sql.Composable | None = None, params: Sequence[Any] | None = None
+    ) -> None:
+        """Delete every destination row whose key no record of this load carried (`track_seen`).
+
+        `within` (a condition on the destination's rows, aliased `d`, with `params`) limits
+        the deletes to the part of the table whose keys were loaded.
+        """
         assert self.track_seen, "delete_unseen needs track_seen=True"
         cur = await self.conn.execute(
             sql.SQL(
                 """
                 WITH gone AS (
                   DELETE FROM {dest} AS d
-                   WHERE NOT EXISTS (SELECT FROM {seen} s WHERE ({skey}) = ({dkey}))
+                   WHERE ({within}) AND NOT EXISTS (SELECT FROM {seen} s WHERE ({skey}) = ({dkey}))
                   RETURNING {preview}
                 )
                 SELECT count(*), (array_agg(k))[1:{n}] FROM gone
                 """
             ).format(
                 dest=self.dest.identifier(),
+                within=sql.SQL("TRUE") if within is None else within,
                 seen=self.seen,
                 skey=self._qualified("s", self.dest.key),
                 dkey=self._qualified("d", self.dest.key),
                 preview=sql.SQL("{} AS k").format(self._key_text("d")),
                 n=sql.Literal(PREVIEW_KEYS),
-            )
+            ),
+            params or None,
         )
         await self._count_deleted(cur)
 

@@ -1,22 +1,31 @@
 """`postgres`: mirror a table (or query) of another database into a destination table.
 
-The first run copies everything, streamed in key order as raw `COPY` data, one
-batch at a time; each batch is checkpointed with the last key it holds, so a
-crash resumes where the copy stopped.  Later runs are incremental: every row
-whose `updated_at` is at or after the saved watermark minus a lookback window is
-read again (rows that share the watermark value are never skipped; rows whose
-commit was late within the lookback are caught).  The watermark saved is the
-source's `max(updated_at)` read in the same snapshot as the rows.
+The first run copies everything, streamed in key order as raw `COPY` data, one batch
+per statement, all in one snapshot of the source; each batch is checkpointed with the
+last key it holds, so a crash resumes where the copy stopped.  Later runs are
+incremental.  How they find the changed rows depends on the source:
 
-Deletes: `none`; `soft` (the source marks a deleted row by setting a column;
-that row is removed from the destination); `hard` (periodically, the source's
-keys are streamed into the destination session and every destination row whose
-key is missing is deleted).
+* a table on a primary (the usual case): the rows written by transactions the previous
+  run's snapshot could not see, found by their `xmin` (see `postgres_tracking`).  No
+  clock is trusted: a transaction that commits late, or stamps `updated_at` from a skewed
+  clock, is read all the same, and rows written long ago are never read again;
+* a query, a view, a foreign table or a standby: every row whose `updated_at` is at or
+  after the saved watermark minus a lookback window (rows sharing the watermark value are
+  never skipped; rows whose commit was late within the lookback are caught);
+* neither: every row, every run.
+
+Deletes: `none`; `soft` (the source marks a deleted row by setting a column; that row is
+removed from the destination); `hard`: the keys recorded by the source's delete trigger
+since the previous run (`syncworker install-trigger`), and periodically, a comparison of
+key buckets (row count and a sum of key hashes per bucket) that re-reads only the keys of
+the buckets that differ.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -48,6 +57,18 @@ from worker.connectors.load import (
     parse_destination,
     table_name,
 )
+from worker.connectors.postgres_tracking import (
+    DELETE_TRIGGER,
+    HORIZON,
+    INTEGER_TYPES,
+    TOMBSTONE_RETENTION_DAYS,
+    TOMBSTONES,
+    bucket_count,
+    bucket_of,
+    changed_since,
+    cursor_problem,
+    key_hash,
+)
 
 # NOTIFY channel of the real-time trigger; the payload is the source table's name.
 CHANNEL = "syncworker_changes"
@@ -55,6 +76,18 @@ DEFAULT_HARD_DELETE_SECONDS = 3600
 # Lookback when the job has no schedule to scale it from.
 DEFAULT_LOOKBACK_SECONDS = 3600
 DELETE_MODES = ("none", "soft", "hard")
+# How a run finds what changed (see the module's docstring).
+BY_XMIN, BY_UPDATED_AT, EVERYTHING = "xmin", "updated_at", "everything"
+# The first copy commits its batches (with the position they reach) at most this often: a
+# commit per batch costs more than the batch when batches are small.
+COPY_CHECKPOINT_SECONDS = 0.5
+# Bytes of COPY data gathered per read from the source (rows arrive one message each).
+READ_BLOCK = 1 << 18
+READ_ROWS = 2048
+# work_mem of the per-bucket aggregates (this transaction only).
+AGGREGATE_WORK_MEM = "32MB"
+# Blocks read ahead of the destination's writes by the copy's stream.
+PREFETCH_BLOCKS = 4
 _TIME_TYPES = re.compile(r"^(timestamp|date)")
 
 Conn = AsyncConnection[TupleRow]
@@ -211,6 +244,14 @@ class Mirror:
         self.external = external
         self.read = 0
         self.loader: Loader | None = None
+        self.types: dict[str, str] = {}
+        self.tracking = EVERYTHING
+        # the destination was empty when the first copy started (no stale rows to find)
+        self.fresh = False
+        self.saved_at = 0.0  # when the copy last checkpointed (monotonic)
+        # whether the tombstones held every delete since this run's starting cursor
+        # (None: there are none to read)
+        self.tombstones_cover: bool | None = None
 
     @property
     def source(self) -> Source:
@@ -218,6 +259,8 @@ class Mirror:
 
     async def run(self) -> RunResult:
         columns, types = await self.source_columns()
+        self.types = types
+        self.tracking = await self.tracking_mode()
         key = list(self.source.key)
         ordered = key + [c for c in columns if c not in key]
         loader = self.loader = Loader(
@@ -231,12 +274,18 @@ class Mirror:
                 state = await self.full_copy(ordered, state)
                 await self.checkpoint(state)
             # After a full copy too: what changed while it ran is caught before the run ends.
-            # (Without updated_at every run reads everything; once is enough.)
-            if not copied or self.source.updated_at is not None:
+            # (Without any way to tell what changed every run reads everything; once is enough.)
+            if not copied or self.tracking != EVERYTHING:
                 state = await self.incremental(ordered, state)
-            if self.cfg.deletes == "hard" and self.key_diff_due(state):
-                state = {**state, "keys_checked_at": time.time()}
-                await self.hard_deletes()
+            if self.cfg.deletes == "hard":
+                if self.key_diff_due(copied):
+                    state = {**state, "keys_checked_at": time.time()}
+                    await self.bucket_deletes()
+                    await self.src.rollback()
+                    await self.prune_tombstones()
+                elif copied:  # every delete since the copy's snapshot was in the tombstones
+                    state = {**state, "keys_checked_at": time.time()}
+            await self.src.rollback()
         finally:
             await loader.close()
         await self.commit_data()
@@ -265,7 +314,7 @@ class Mirror:
                 SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
                  WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped
                 """,
-                [sql.Identifier(*self.source.table).as_string(None)],
+                [self.regclass()],
             )
             types.update(dict(await exact.fetchall()))
         wanted = list(self.source.columns or names)
@@ -282,6 +331,71 @@ class Mirror:
         await self.src.rollback()
         return wanted, types
 
+    def regclass(self) -> str:
+        assert self.source.table is not None
+        return sql.Identifier(*self.source.table).as_string(None)
+
+    async def tracking_mode(self) -> str:
+        """xmin for a table on a primary whose row versions can be read; else updated_at, else all."""
+        mode = BY_UPDATED_AT if self.source.updated_at else EVERYTHING
+        if self.source.table is not None:
+            cur = await self.src.execute(
+                "SELECT c.relkind::text, pg_is_in_recovery() FROM pg_class c WHERE c.oid = %s::regclass",
+                [self.regclass()],
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] in ("r", "p") and not row[1]:
+                try:
+                    async with self.src.transaction():
+                        await self.src.execute(
+                            sql.SQL("SELECT xmin FROM {} LIMIT 0").format(self.source.relation())
+                        )
+                    mode = BY_XMIN
+                except psycopg.errors.QueryCanceled:
+                    raise
+                except psycopg.Error as exc:
+                    if self.src.broken or isinstance(exc, psycopg.OperationalError):
+                        raise
+            await self.src.rollback()
+        self.ctx.log.debug("changes in %s are found by %s", self.source.name, mode)
+        return mode
+
+    async def snapshot_cursor(self) -> tuple[int, int]:
+        """Open the source transaction's snapshot; return (cursor, xmax) as 64-bit transaction ids.
+
+        The cursor is the oldest transaction whose rows this snapshot may not see: the
+        snapshot's oldest running transaction, leaving out those of other databases (they
+        cannot write this table).  Those are read in a transaction of their own just before
+        the snapshot is taken, so a transaction that starts in between counts as one of ours.
+        """
+        cur = await self.src.execute(
+            """
+            SELECT coalesce(array_agg(backend_xid::text), '{}') FROM pg_stat_activity
+             WHERE backend_xid IS NOT NULL AND datid IS DISTINCT FROM
+                   (SELECT oid FROM pg_database WHERE datname = current_database())
+            """
+        )
+        row = await cur.fetchone()
+        elsewhere = {int(x) for x in (row[0] if row else [])}
+        await self.src.rollback()
+        cur = await self.src.execute(
+            "SELECT pg_snapshot_xmax(s)::text, array(SELECT x::text FROM pg_snapshot_xip(s) x)"
+            " FROM pg_current_snapshot() s"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        xmax = int(row[0])
+        ours = [int(x) for x in row[1] if int(x) % (1 << 32) not in elsewhere]
+        cursor = min([*ours, xmax])
+        self.ctx.log.debug(
+            "snapshot of %s: cursor %s, xmax %s, %s running elsewhere",
+            self.source.name,
+            cursor,
+            xmax,
+            len(row[1]) - len(ours),
+        )
+        return cursor, xmax
+
     def select(self, columns: list[str]) -> sql.Composable:
         parts: list[sql.Composable] = [sql.Identifier(c) for c in columns]
         if self.cfg.soft_delete_column:
@@ -290,30 +404,46 @@ class Mirror:
         return sql.SQL(", ").join(parts)
 
     async def full_copy(self, columns: list[str], state: dict[str, Any]) -> dict[str, Any]:
-        """Copy everything in key order, a batch per statement, checkpointing after each batch."""
+        """Copy everything in key order, a batch at a time, checkpointing every half second.
+
+        All batches are read in one snapshot (one statement, while every batch goes straight
+        into the table; else a statement per batch); its cursor is where the next pass starts
+        from.  A copy resumed after a crash keeps the cursor of the copy's start: the rows
+        changed since are read by the pass that follows, whichever batch they were in.
+        """
         key = sql.SQL(", ").join(sql.Identifier(k) for k in self.source.key)
         if state.get("phase") != "full":
+            cursor = (await self.snapshot_cursor())[0] if self.tracking == BY_XMIN else None
             high = await self.high_water()
-            state = {"phase": "full", "after": None, "high_water": high}
+            self.fresh = not await self.destination_has_rows()
+            state = {
+                "phase": "full",
+                "after": None,
+                "high_water": high,
+                "xmin": None if cursor is None else str(cursor),
+                "fresh": self.fresh,
+            }
             self.ctx.log.info("full copy of %s started", self.source.name)
         else:
+            self.fresh = state.get("fresh") is True
             self.ctx.log.info("full copy of %s resumed after key %s", self.source.name, state["after"])
         size = self.cfg.destination.batch_size
-        while True:
+        self.saved_at = time.monotonic()
+        assert self.loader is not None
+        finished = False
+        if self.loader.can_copy_direct:
+            state, finished = await self.stream_copy(columns, state)
+        while not finished:
             after = state["after"]
-            where: sql.Composable = sql.SQL("TRUE")
-            if after is not None:
-                where = sql.SQL("({}) > ({})").format(key, sql.SQL(", ").join(sql.Placeholder() * len(after)))
             statement = sql.SQL(
                 "COPY (SELECT {cols} FROM {rel} WHERE {where} ORDER BY {key} LIMIT {n}) TO STDOUT"
             ).format(
                 cols=self.select(columns),
                 rel=self.source.relation(),
-                where=where,
+                where=self.after_key(after),
                 key=key,
                 n=sql.Literal(size),
             )
-            assert self.loader is not None
             batch = await self.copy_batch(statement, after, direct=self.loader.can_copy_direct)
             if batch is None:  # some rows were already there (or one is bad): upsert this batch
                 batch = await self.copy_batch(statement, after, direct=False)
@@ -322,9 +452,64 @@ class Mirror:
             if batch.rows < size:
                 break
             state = {**state, "after": batch.last_key(len(self.source.key))}
-            await self.checkpoint(state)
+            await self.checkpoint_copy(state)
+        await self.src.rollback()
         self.ctx.log.info("full copy of %s done: %s rows", self.source.name, self.read)
-        return {"phase": "incremental", "watermark": state["high_water"]}
+        done: dict[str, Any] = {"phase": "incremental"}
+        if self.tracking == BY_XMIN and state.get("xmin") is not None:
+            done["xmin"] = state["xmin"]
+        if state.get("high_water") is not None or self.tracking == BY_UPDATED_AT:
+            done["watermark"] = state.get("high_water")
+        return done
+
+    def after_key(self, after: list[str | None] | None) -> sql.Composable:
+        if after is None:
+            return sql.SQL("TRUE")
+        key = sql.SQL(", ").join(sql.Identifier(k) for k in self.source.key)
+        return sql.SQL("({}) > ({})").format(key, sql.SQL(", ").join(sql.Placeholder() * len(after)))
+
+    async def checkpoint_copy(self, state: dict[str, Any]) -> None:
+        """Checkpoint the copy's position, at most every COPY_CHECKPOINT_SECONDS."""
+        if time.monotonic() - self.saved_at >= COPY_CHECKPOINT_SECONDS:
+            await self.checkpoint(state)
+            self.saved_at = time.monotonic()
+
+    async def stream_copy(self, columns: list[str], state: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """The copy's fast path: one statement for all that is left, COPYed into the table a
+        batch at a time.  Returns the state reached and whether the copy is done; not done when
+        a batch met rows already there (or a bad one), and the rest goes batch by batch."""
+        assert self.loader is not None
+        key = sql.SQL(", ").join(sql.Identifier(k) for k in self.source.key)
+        after = state["after"]
+        # An index on the key streams the rows in order; sorting the whole table would not.
+        await self.src.execute("SET LOCAL enable_sort = off")
+        statement = sql.SQL("COPY (SELECT {cols} FROM {rel} WHERE {where} ORDER BY {key}) TO STDOUT").format(
+            cols=self.select(columns), rel=self.source.relation(), where=self.after_key(after), key=key
+        )
+        stream = CopyStream(self.src.cursor().copy(statement, after), prefetch=True)
+        try:
+            async with stream:
+                while not stream.done:
+                    before = stream.rows
+                    if not await self.loader.copy_direct(stream.chunks(self.cfg.destination.batch_size)):
+                        raise _GaveWay
+                    self.read += stream.rows - before
+                    if stream.rows > before:
+                        state = {**state, "after": stream.last_key(len(self.source.key))}
+                        await self.checkpoint_copy(state)
+        except _GaveWay:
+            # The statement was cancelled, and its transaction with it: the rest is read in
+            # another snapshot, which the cursor saved at the copy's start covers.
+            await self.src.rollback()
+            return state, False
+        return state, True
+
+    async def destination_has_rows(self) -> bool:
+        cur = await self.dest.execute(
+            sql.SQL("SELECT EXISTS (SELECT FROM {})").format(self.cfg.destination.identifier())
+        )
+        row = await cur.fetchone()
+        return bool(row and row[0])
 
     async def copy_batch(self, statement: sql.Composed, params: Any, *, direct: bool) -> CopyStream | None:
         """One batch of the full copy into the destination; None if the direct COPY gave way."""
@@ -336,43 +521,57 @@ class Mirror:
             else:
                 await self.loader.load_copy_data(batch.chunks())
                 loaded = True
-        await self.src.rollback()
         return batch if loaded else None
 
     async def incremental(self, columns: list[str], state: dict[str, Any]) -> dict[str, Any]:
-        """Every row changed since the watermark minus the lookback, read in one snapshot."""
-        assert self.source.updated_at is not None or state.get("watermark") is None
-        high = await self.high_water()
-        watermark = state.get("watermark")
+        """Every row changed since the saved cursor, read in one snapshot (left open for deletes)."""
         where: sql.Composable = sql.SQL("TRUE")
         params: list[Any] = []
-        if watermark is not None and self.source.updated_at is not None:
-            where = sql.SQL("{col} >= {since}").format(
-                col=sql.Identifier(self.source.updated_at), since=await self.since_expression()
-            )
-            params = [watermark, self.lookback()]
+        new = dict(state)
+        since: Any = None
+        if self.tracking == BY_XMIN:
+            cursor, xmax = await self.snapshot_cursor()
+            previous = state.get("xmin")
+            start = int(previous) if previous is not None else None
+            if start is not None and (problem := cursor_problem(start, xmax)) is not None:
+                self.ctx.log.warning("%s: %s; reading every row once", self.source.name, problem)
+                start = None
+            if start is not None:
+                where, params = changed_since(start)
+            since = f"transaction {start}" if start is not None else "the start"
+            new.pop("watermark", None)
+            new["xmin"] = str(cursor)
+            if self.cfg.deletes == "hard" and start is not None:
+                self.tombstones_cover = await self.apply_tombstones(start)
+        else:
+            high = await self.high_water()
+            watermark = state.get("watermark")
+            if watermark is not None and self.source.updated_at is not None:
+                where = sql.SQL("{col} >= {since}").format(
+                    col=sql.Identifier(self.source.updated_at), since=await self.since_expression()
+                )
+                params = [watermark, self.lookback()]
+                since = f"{watermark} (lookback {self.lookback()}s)"
+            new.pop("xmin", None)
+            if self.source.updated_at is not None:
+                new["watermark"] = high if high is not None else watermark
         statement = sql.SQL("COPY (SELECT {cols} FROM {rel} WHERE {where}) TO STDOUT").format(
             cols=self.select(columns), rel=self.source.relation(), where=where
         )
-        stream = CopyStream(self.src.cursor().copy(statement, params or None))
+        stream = CopyStream(self.src.cursor().copy(statement, params or None), prefetch=True)
         assert self.loader is not None
         async with stream:
             while not stream.done:
                 await self.loader.load_copy_data(stream.chunks(self.cfg.destination.batch_size))
                 await self.commit_data()
-        await self.src.rollback()
         self.read += stream.rows
         self.ctx.log.info(
-            "incremental sync of %s: %s rows since %s (lookback %ss)",
-            self.source.name,
-            stream.rows,
-            watermark,
-            self.lookback(),
+            "incremental sync of %s: %s rows changed since %s", self.source.name, stream.rows, since
         )
-        return {**state, "watermark": high if high is not None else watermark}
+        return new
 
     async def high_water(self) -> str | None:
-        if self.source.updated_at is None:
+        if self.source.updated_at is None or self.tracking == BY_XMIN:
             return None
         cur = await self.src.execute(
             sql.SQL("SELECT max({})::text FROM {}").format(
@@ -411,34 +610,289 @@ class Mirror:
 
     # -- deletes --------------------------------------------------------------------------
 
-    def key_diff_due(self, state: dict[str, Any]) -> bool:
+    def key_diff_due(self, copied: bool) -> bool:
+        """Whether to compare key buckets this run.
+
+        After a full copy, unless the destination started empty and the tombstones covered
+        every delete since the copy's snapshot; when the tombstones miss part of what this
+        run had to cover; and every `hard_delete_every_seconds`, tombstones or not (they
+        miss what a disabled trigger did not record).
+        """
+        if copied:
+            return not (self.fresh and self.tombstones_cover is True)
+        if self.tombstones_cover is False:
+            return True  # installed, but they miss part of the span (a TRUNCATE, pruned)
         last = self.ctx.state.get("keys_checked_at")
-        if self.ctx.state.get("phase") != "incremental" or not isinstance(last, int | float):
-            return True  # right after a full copy, and whenever it never ran
+        if not isinstance(last, int | float):
+            return True
         return time.time() - last >= self.cfg.hard_delete_every
 
-    async def hard_deletes(self) -> None:
-        """Stream the source's keys into the destination session; delete the rows not among them."""
-        dest = dataclasses.replace(self.cfg.destination, create_table=False)  # made by the main load
-        keys = Loader(self.dest, dest, list(self.source.key), self.ctx, track_seen=True)
-        await keys.prepare()
+    def tombstone_names(self) -> tuple[sql.Identifier, sql.Identifier]:
+        assert self.source.table is not None
+        schema, _, _ = qualified_name(self.source.table).partition(".")
+        return sql.Identifier(schema, TOMBSTONES), sql.Identifier(schema, HORIZON)
+
+    async def tombstone_horizon(self) -> int | None:
+        """From which transaction on the source records every delete of this table (None: it does not)."""
+        if self.source.table is None:
+            return None
+        _, horizon = self.tombstone_names()
         try:
-            key = sql.SQL(", ").join(sql.Identifier(k) for k in self.source.key)
-            stream = CopyStream(
-                self.src.cursor().copy(
-                    sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(key, self.source.relation())
+            async with self.src.transaction():
+                cur = await self.src.execute("SELECT to_regclass(%s) IS NOT NULL", [horizon.as_string(None)])
+                row = await cur.fetchone()
+                if not row or not row[0]:
+                    return None
+                cur = await self.src.execute(
+                    sql.SQL(
+                        """
+                        SELECT h.key, h.complete_from::text FROM {horizon} h
+                         WHERE h.relation = %s
+                           AND EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = %s::regclass
+                                          AND t.tgname = %s AND t.tgenabled <> 'D')
+                        """
+                    ).format(horizon=horizon),
+                    [qualified_name(self.source.table), self.regclass(), DELETE_TRIGGER],
+                )
+                found = await cur.fetchone()
+        except psycopg.errors.QueryCanceled:
+            raise
+        except psycopg.Error as exc:
+            if self.src.broken or isinstance(exc, psycopg.OperationalError):
+                raise
+            self.ctx.log.info("tombstones of %s cannot be read: %s", self.source.name, exc)
+            return None
+        if found is None or list(found[0]) != list(self.source.key):
+            return None
+        return int(found[1])
+
+    async def apply_tombstones(self, start: int) -> bool | None:
+        """Delete the keys the source's trigger recorded since `start` and that the source no
+        longer has.  None when there is no such trigger (or for another key); False when the
+        tombstones miss part of that span (pruned past it, installed since, a TRUNCATE)."""
+        complete_from = await self.tombstone_horizon()
+        if complete_from is None:
+            return None
+        if start < complete_from:
+            return False
+        assert self.source.table is not None
+        tomb, _ = self.tombstone_names()
+        relation = qualified_name(self.source.table)
+        cur = await self.src.execute(
+            sql.SQL(
+                "SELECT EXISTS (SELECT FROM {} WHERE relation = %s AND xid >= %s::xid8 AND key IS NULL)"
+            ).format(tomb),
+            [relation, str(start)],
+        )
+        row = await cur.fetchone()
+        if row and row[0]:
+            self.ctx.log.info("%s was truncated: its keys are compared in buckets", self.source.name)
+            return False
+        key = self.source.key
+        values = sql.SQL(", ").join(sql.SQL("t.key[{}]").format(sql.Literal(i + 1)) for i in range(len(key)))
+        match = sql.SQL(" AND ").join(
+            sql.SQL("s.{c} = t.key[{i}]::{t}").format(
+                c=sql.Identifier(k), i=sql.Literal(i + 1), t=sql.SQL(self.types[k])
+            )
+            for i, k in enumerate(key)
+        )
+        statement = sql.SQL(
+            """
+            COPY (SELECT DISTINCT {values}, true FROM {tomb} t
+                   WHERE t.relation = %s AND t.xid >= %s::xid8
+                     AND NOT EXISTS (SELECT FROM {rel} s WHERE {match})) TO STDOUT
+            """
+        ).format(values=values, tomb=tomb, rel=self.source.relation(), match=match)
+        dest = dataclasses.replace(self.cfg.destination, create_table=False)
+        gone = Loader(self.dest, dest, list(key), self.ctx, soft_delete=True)
+        await gone.prepare()
+        try:
+            stream = CopyStream(self.src.cursor().copy(statement, [relation, str(start)]))
+            async with stream:
+                await gone.load_copy_data(stream.chunks())
+        finally:
+            await gone.close()
+        self.merge_deleted(gone)
+        self.ctx.log.info(
+            "tombstones of %s: %s keys, %s rows deleted", self.source.name, stream.rows, gone.counts.deleted
+        )
+        return True
+
+    async def prune_tombstones(self) -> None:
+        """Remove this table's tombstones older than the retention, moving its horizon past them."""
+        if self.ctx.dry_run or self.tracking != BY_XMIN or self.cfg.source.table is None:
+            return
+        tomb, horizon = self.tombstone_names()
+        try:
+            await self.src.set_read_only(False)
+            async with self.src.transaction():
+                cur = await self.src.execute("SELECT to_regclass(%s) IS NOT NULL", [horizon.as_string(None)])
+                row = await cur.fetchone()
+                if not row or not row[0]:
+                    return
+                await self.src.execute(
+                    sql.SQL(
+                        """
+                        WITH gone AS (
+                          DELETE FROM {tomb} WHERE relation = %(rel)s
+                             AND deleted_at < now() - make_interval(days => %(days)s)
+                          RETURNING xid::text::numeric AS x
+                        )
+                        UPDATE {horizon} h
+                           SET complete_from = greatest(
+                                 h.complete_from, ((SELECT max(x) FROM gone) + 1)::text::xid8)
+                         WHERE h.relation = %(rel)s AND EXISTS (SELECT FROM gone)
+                        """
+                    ).format(tomb=tomb, horizon=horizon),
+                    {"rel": qualified_name(self.cfg.source.table), "days": TOMBSTONE_RETENTION_DAYS},
+                )
+        except psycopg.errors.QueryCanceled:
+            raise
+        except psycopg.Error as exc:
+            if self.src.broken or isinstance(exc, psycopg.OperationalError):
+                raise
+            self.ctx.log.info("tombstones of %s cannot be pruned: %s", self.source.name, exc)
+        finally:
+            await self.src.set_read_only(True)
+
+    async def bucket_deletes(self) -> None:
+        """Find the destination rows the source no longer has, reading as few keys as possible.
+
+        Both sides are summed at once (row count and sum of key hashes; one scan each, run
+        side by side).  Equal sums end it.  Otherwise the same per key bucket, and only the
+        keys of the buckets that differ are read from the source and compared.
+        """
+        assert self.loader is not None
+        key = self.source.key
+        dest_key = self.cfg.destination.key
+        integer = all(self.types.get(k) in INTEGER_TYPES for k in key) and all(
+            self.loader.types.get(k) in INTEGER_TYPES for k in dest_key
+        )
+        src_hash = key_hash(key, dict.fromkeys(key, "bigint") if integer else {})
+        dest_hash = key_hash(dest_key, dict.fromkeys(dest_key, "bigint") if integer else {}, alias="d")
+        src_rel = self.source.relation()
+        dest_rel = sql.SQL("{} AS d").format(self.cfg.destination.identifier())
+        started = time.monotonic()
+        total = "SELECT count(*), coalesce(sum({h}), 0) FROM {rel}"
+        src_total, dest_total = await asyncio.gather(
+            _one(self.src, sql.SQL(total).format(h=src_hash, rel=src_rel)),
+            _one(self.dest, sql.SQL(total).format(h=dest_hash, rel=dest_rel)),
+        )
+        differing: list[int] = []
+        buckets = bucket_count(max(int(src_total[0]), int(dest_total[0])))
+        if src_total != dest_total:
+            differing = await self.differing_buckets(src_hash, dest_hash, buckets)
+        deleted = 0
+        if differing:
+            every = len(differing) > buckets // 2
+            src_where: sql.Composable = sql.SQL("TRUE")
+            dest_where: sql.Composable = sql.SQL("TRUE")
+            params: list[Any] = []
+            if not every:  # a hashed semi-join: `= ANY(array)` would compare each row with every bucket
+                src_where = sql.SQL("{} IN (SELECT unnest(%s::int[]))").format(bucket_of(src_hash, buckets))
+                dest_where = sql.SQL("{} IN (SELECT unnest(%s::int[]))").format(bucket_of(dest_hash, buckets))
+                params = [differing]
+            dest = dataclasses.replace(self.cfg.destination, create_table=False)  # made by the main load
+            keys = Loader(self.dest, dest, list(key), self.ctx, track_seen=True)
+            await keys.prepare()
+            try:
+                cols = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+                stream = CopyStream(
+                    self.src.cursor().copy(
+                        sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT").format(
+                            cols, src_rel, src_where
+                        ),
+                        params or None,
+                    )
+                )
+                async with stream:
+                    await keys.copy_seen_keys(stream.chunks())
+                await self.dest.execute(sql.SQL("ANALYZE {}").format(keys.seen))
+                await keys.delete_unseen(within=dest_where, params=params)
+            finally:
+                await keys.close()
+            self.merge_deleted(keys)
+            deleted = keys.counts.deleted
+        self.ctx.log.info(
+            "key buckets of %s: %s of %s differ, %s rows deleted (%.2fs)",
+            self.source.name,
+            len(differing),
+            buckets,
+            deleted,
+            time.monotonic() - started,
+        )
+
+    async def differing_buckets(
+        self, src_hash: sql.Composable, dest_hash: sql.Composable, buckets: int
+    ) -> list[int]:
+        """The buckets whose (count, sum of key hashes) differ between the two sides.
+
+        The source's per-bucket sums arrive as COPY data (25 bytes a bucket) while the
+        destination computes its own into a temporary table; the comparison runs there.
+        """
+        n = next(_bucket_ids)
+        theirs, ours = (
+            sql.Identifier(f"syncworker_buckets_src_{n}"),
+            sql.Identifier(f"syncworker_buckets_{n}"),
+        )
+        per_bucket = "SELECT {b}, count(*), sum({h}) FROM {rel} GROUP BY 1"
+
+        async def source_sums() -> list[bytes]:
+            statement = sql.SQL("COPY ({}) TO STDOUT").format(
+                sql.SQL(per_bucket).format(
+                    b=bucket_of(src_hash, buckets), h=src_hash, rel=self.source.relation()
                 )
             )
+            stream = CopyStream(self.src.cursor().copy(statement))
             async with stream:
-                await keys.copy_seen_keys(stream.chunks())
-            await self.src.rollback()
-            await keys.delete_unseen()
+                return [block async for block in stream.chunks()]
+
+        dest_rel = sql.SQL("{} AS d").format(self.cfg.destination.identifier())
+        # Room for every bucket in the hash aggregate (it spills to disk otherwise).
+        for conn in (self.src, self.dest):
+            await conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(AGGREGATE_WORK_MEM)))
+        try:
+            data, _ = await asyncio.gather(
+                source_sums(),
+                self.dest.execute(
+                    sql.SQL("CREATE TEMP TABLE {} (b, n, s) AS {}").format(
+                        ours,
+                        sql.SQL(per_bucket).format(
+                            b=bucket_of(dest_hash, buckets), h=dest_hash, rel=dest_rel
+                        ),
+                    )
+                ),
+            )
+            await self.dest.execute(
+                sql.SQL("CREATE TEMP TABLE {} (b int, n bigint, s bigint)").format(theirs)
+            )
+            async with self.dest.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(theirs)) as copy:
+                for block in data:
+                    await copy.write(block)
+            del data
+            cur = await self.dest.execute(
+                sql.SQL(
+                    """
+                    SELECT coalesce(array_agg(coalesce(t.b, o.b)), '{{}}')
+                      FROM {theirs} t FULL JOIN {ours} o ON o.b = t.b
+                     WHERE (t.n, t.s) IS DISTINCT FROM (o.n, o.s)
+                    """
+                ).format(theirs=theirs, ours=ours)
+            )
+            row = await cur.fetchone()
         finally:
-            await keys.close()
+            if (
+                not self.dest.broken
+                and self.dest.info.transaction_status != psycopg.pq.TransactionStatus.INERROR
+            ):
+                await self.dest.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(theirs, ours))
+        return list(row[0]) if row else []
+
+    def merge_deleted(self, other: Loader) -> None:
         assert self.loader is not None
-        self.loader.counts.deleted += keys.counts.deleted
-        self.loader.counts.preview["delete"].extend(keys.counts.preview["delete"])
-        self.ctx.log.info("key diff of %s: %s rows deleted", self.source.name, keys.counts.deleted)
+        self.loader.counts.deleted += other.counts.deleted
+        kept = self.loader.counts.preview["delete"]
+        kept.extend(other.counts.preview["delete"][: max(0, 10 - len(kept))])
 
     # -- committing -----------------------------------------------------------------------
 
@@ -457,55 +911,133 @@ class Mirror:
             await self.ctx.checkpoint(state)
 
 
-class CopyStream:
-    """Raw `COPY … TO STDOUT` text data, handed out in batches cut at row boundaries."""
+async def _one(conn: Conn, query: sql.Composed) -> tuple[Any, ...]:
+    cur = await conn.execute(query)
+    row = await cur.fetchone()
+    assert row is not None
+    return row
 
-    def __init__(self, copy: Any) -> None:
+
+_bucket_ids = itertools.count(1)
+
+
+class _GaveWay(Exception):
+    """The direct COPY of a batch met a row already there: the stream is abandoned."""
+
+
+def _gather(copy: Any, max_bytes: int) -> Any:
+    """A psycopg generator reading COPY rows until `max_bytes` (or READ_ROWS rows) are in hand."""
+    parts: list[Any] = []
+    size = 0
+    while size < max_bytes and len(parts) < READ_ROWS:
+        data = yield from copy._read_gen()
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+    return parts
+
+
+class CopyStream:
+    """Raw `COPY … TO STDOUT` text data, handed out in batches cut at row boundaries.
+
+    With `prefetch`, a task reads ahead (at most PREFETCH_BLOCKS blocks) while the caller
+    writes what it has: reading the source and writing the destination overlap.
+    """
+
+    def __init__(self, copy: Any, *, prefetch: bool = False) -> None:
         self._copy = copy
+        self._active: Any = None
         self._iter: AsyncIterator[Any] | None = None
         self._carry = b""
         self.rows = 0
         self.done = False
         self._last_row = b""
+        self._prefetch = prefetch
+        self._queue: asyncio.Queue[bytes | BaseException | None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def __aenter__(self) -> CopyStream:
         self._copy_cm = self._copy
-        copy = await self._copy_cm.__aenter__()
+        copy = self._active = await self._copy_cm.__aenter__()
         self._iter = copy.__aiter__()
+        if self._prefetch:
+            self._queue = asyncio.Queue(PREFETCH_BLOCKS)
+            self._reader = asyncio.create_task(self._read_ahead())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None and not self._reader.done():
+            # Let the reader finish the block it is reading (never cancel it inside psycopg).
+            self._stopping = True
+            assert self._queue is not None
+            while not self._reader.done():
+                while not self._queue.empty():
+                    self._queue.get_nowait()
+                await asyncio.wait([self._reader], timeout=0.05)
         await self._copy_cm.__aexit__(*exc)
+
+    async def _read_ahead(self) -> None:
+        assert self._queue is not None
+        try:
+            while not self._stopping:
+                data = await self._read_block()
+                await self._queue.put(data)
+                if data is None:
+                    return
+        except Exception as exc:  # handed to the consumer
+            await self._queue.put(exc)
+
+    async def _read(self) -> bytes | None:
+        if self._queue is None:
+            return await self._read_block()
+        got = await self._queue.get()
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    async def _read_block(self) -> bytes | None:
+        """The next block of whole rows, None at the end.
+
+        The server sends one message per row; reading them one await at a time costs more
+        than the rows themselves, so blocks are gathered in one go where psycopg allows it.
+        """
+        copy = self._active
+        if hasattr(copy, "_read_gen") and hasattr(copy, "connection"):
+            parts = await copy.connection.wait(_gather(copy, READ_BLOCK))
+            return b"".join(parts) if parts else None
+        assert self._iter is not None
+        try:
+            return bytes(await self._iter.__anext__())
+        except StopAsyncIteration:
+            return None
 
     async def chunks(self, max_rows: int | None = None) -> AsyncIterator[bytes]:
         """Data of up to `max_rows` rows (all that is left without a limit), in large pieces."""
-        assert self._iter is not None
         rows = 0
-        buffer = bytearray(self._carry)
+        pending = self._carry
         self._carry = b""
-        while True:
-            try:
-                data = bytes(await self._iter.__anext__())
-            except StopAsyncIteration:
-                self.done = True
-                break
-            n = data.count(b"\n")
-            if max_rows is not None and rows + n >= max_rows:
-                cut = _nth_newline(data, max_rows - rows) + 1
-                buffer += data[:cut]
-                self._carry = data[cut:]
-                rows += data[:cut].count(b"\n")
-                break
-            buffer += data
-            rows += n
-            if len(buffer) >= 1 << 16:
-                self._remember_last(buffer)
-                yield bytes(buffer)
-                buffer.clear()
-        self.rows += rows
-        if buffer:
-            self._remember_last(buffer)
-            yield bytes(buffer)
+        try:
+            while max_rows is None or rows < max_rows:
+                if pending:
+                    data, pending = pending, b""
+                else:
+                    read = await self._read()
+                    if read is None:
+                        self.done = True
+                        break
+                    data = read
+                n = data.count(b"\n")
+                if max_rows is not None and rows + n > max_rows:
+                    cut = _nth_newline(data, max_rows - rows) + 1
+                    data, self._carry = data[:cut], data[cut:]
+                    n = max_rows - rows
+                rows += n
+                self._remember_last(data)
+                yield data
+        finally:
+            self.rows += rows
 
     def _remember_last(self, data: bytes | bytearray) -> None:
         end = len(data) - 1 if data.endswith(b"\n") else len(data)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -135,12 +136,22 @@ def test_a_cursor_the_source_cannot_have_reads_everything_once(source: str, db: 
     assert identical(source, db)
 
 
-@pytest.mark.parametrize("tombstones", [True, False])
-def test_the_mirror_stays_exact_under_concurrent_writes(source: str, db: str, tombstones: bool) -> None:
+@pytest.mark.parametrize("mode", ["xmin and tombstones", "xmin and key buckets", "query and lookback"])
+def test_the_mirror_stays_exact_under_concurrent_writes(source: str, db: str, mode: str) -> None:
     fill(source, 5000)
-    add_job(db, "items", "postgres", config(hard_delete_every_seconds=0), interval_seconds=60)
-    if tombstones:
+    job = config(hard_delete_every_seconds=0)
+    if mode == "query and lookback":
+        # No xmin for a query: updated_at and a lookback longer than any transaction's skew
+        # (a clock ahead would move the watermark past every other writer's rows).
+        job["source"] = {**job["source"], "query": "SELECT * FROM items"}
+        del job["source"]["table"]
+        job["lookback_seconds"] = 4 * 3600
+    add_job(db, "items", "postgres", job, interval_seconds=60)
+    if mode == "xmin and tombstones":
         assert cli(db, source, "install-trigger", "items").returncode == 0
+    ahead = mode != "query and lookback"
+    # by xmin, any stamp at all; by updated_at, one within the lookback
+    old_stamp = datetime(2001, 1, 1, tzinfo=UTC) if ahead else datetime.now(UTC) - timedelta(hours=3)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -173,12 +184,12 @@ def test_the_mirror_stays_exact_under_concurrent_writes(source: str, db: str, to
                             with conn.transaction():
                                 next_id += 1
                                 conn.execute(
-                                    "INSERT INTO items (id, grp, updated_at) VALUES (%s, 2, '2001-01-01')",
-                                    [next_id],
+                                    "INSERT INTO items (id, grp, updated_at) VALUES (%s, 2, %s)",
+                                    [next_id, old_stamp],
                                 )
                                 conn.execute("DELETE FROM items WHERE id = %s", [rnd.randint(1, 5000)])
                             time.sleep(rnd.uniform(0.05, 0.4))
-                    else:
+                    elif ahead:
                         # a clock a day ahead
                         conn.execute(
                             "UPDATE items SET body = 'ahead', updated_at = now() + interval '1 day'"
@@ -204,3 +215,29 @@ def test_the_mirror_stays_exact_under_concurrent_writes(source: str, db: str, to
     assert identical(source, db)
     verify = cli(db, source, "verify", "items")
     assert verify.returncode == 0 and "match" in verify.stdout, verify.stdout + verify.stderr
+
+
+def test_old_tombstones_are_pruned_and_a_job_paused_past_them_compares_buckets(source: str, db: str) -> None:
+    fill(source, 200)
+    add_job(db, "items", "postgres", config(), interval_seconds=60)
+    assert cli(db, source, "install-trigger", "items").returncode == 0
+    run(db)
+    cursor = one(db, "SELECT state->>'xmin' FROM syncworker.integrations")
+    execute(source, "DELETE FROM items WHERE id <= 3")
+    execute(source, "UPDATE syncworker_tombstones SET deleted_at = now() - interval '8 days'")
+    # a later run's periodic key comparison prunes them and moves the horizon past them
+    execute(db, "UPDATE syncworker.integrations SET state = state - 'keys_checked_at'")
+    assert run(db)["records_deleted"] == 3
+    assert one(source, "SELECT count(*) FROM syncworker_tombstones") == 0
+    horizon = int(one(source, "SELECT complete_from::text FROM syncworker_tombstone_horizon"))
+    assert horizon > int(cursor)
+    # a run starting from a cursor older than the horizon cannot trust the tombstones
+    execute(source, "DELETE FROM items WHERE id = 10")
+    execute(
+        db,
+        "UPDATE syncworker.integrations SET state = jsonb_set(state, '{xmin}', to_jsonb(%s::text))",
+        [cursor],
+    )
+    second = run(db)
+    assert second["records_deleted"] == 1
+    assert identical(source, db)

@@ -9,9 +9,11 @@ incremental.  How they find the changed rows depends on the source:
   run's snapshot could not see, found by their `xmin` (see `postgres_tracking`).  No
   clock is trusted: a transaction that commits late, or stamps `updated_at` from a skewed
   clock, is read all the same, and rows written long ago are never read again;
-* a query, a view, a foreign table or a standby: every row whose `updated_at` is at or
-  after the saved watermark minus a lookback window (rows sharing the watermark value are
-  never skipped; rows whose commit was late within the lookback are caught);
+* a query, a view, a foreign table or a standby: every row whose `updated_at` is after the
+  saved watermark; the rows within the lookback window before it are compared with the
+  destination's per key bucket, and the buckets that differ are read again (rows sharing
+  the watermark value are never skipped; rows whose commit was late within the lookback
+  are caught);
 * neither: every row, every run.
 
 Deletes: `none`; `soft` (the source marks a deleted row by setting a column; that row is
@@ -88,6 +90,7 @@ READ_ROWS = 2048
 AGGREGATE_WORK_MEM = "32MB"
 # Blocks read ahead of the destination's writes by the copy's stream.
 PREFETCH_BLOCKS = 4
+_TRUE = sql.SQL("TRUE")
 _TIME_TYPES = re.compile(r"^(timestamp|date)")
 
 Conn = AsyncConnection[TupleRow]
@@ -529,6 +532,7 @@ class Mirror:
         params: list[Any] = []
         new = dict(state)
         since: Any = None
+        check_window: str | None = None
         if self.tracking == BY_XMIN:
             cursor, xmax = await self.snapshot_cursor()
             previous = state.get("xmin")
@@ -547,11 +551,17 @@ class Mirror:
             high = await self.high_water()
             watermark = state.get("watermark")
             if watermark is not None and self.source.updated_at is not None:
-                where = sql.SQL("{col} >= {since}").format(
-                    col=sql.Identifier(self.source.updated_at), since=await self.since_expression()
-                )
-                params = [watermark, self.lookback()]
-                since = f"{watermark} (lookback {self.lookback()}s)"
+                col = sql.Identifier(self.source.updated_at)
+                if self.window_checkable(columns):
+                    # after the watermark; the lookback window is compared, not read
+                    check_window = watermark
+                    where = sql.SQL("{} > %s::{}").format(col, sql.SQL(await self._updated_at_type()))
+                    params = [watermark]
+                    since = watermark
+                else:
+                    where = sql.SQL("{col} >= {since}").format(col=col, since=await self.since_expression())
+                    params = [watermark, self.lookback()]
+                    since = f"{watermark} (lookback {self.lookback()}s)"
             new.pop("xmin", None)
             if self.source.updated_at is not None:
                 new["watermark"] = high if high is not None else watermark
@@ -568,7 +578,92 @@ class Mirror:
         self.ctx.log.info(
             "incremental sync of %s: %s rows changed since %s", self.source.name, stream.rows, since
         )
+        if check_window is not None:
+            await self.compare_window(columns, check_window)
         return new
+
+    def window_checkable(self, columns: list[str]) -> bool:
+        """Whether the destination holds updated_at, so the lookback window can be compared."""
+        assert self.loader is not None
+        return self.source.updated_at is not None and self.source.updated_at in columns
+
+    async def compare_window(self, columns: list[str], watermark: str) -> None:
+        """Rows with `updated_at` in the lookback window before `watermark`: compare both sides
+        per key bucket (count, sum of hashes of key and updated_at) and read again only the
+        source rows of the buckets that differ (a late commit, a clock behind), whatever their
+        `updated_at` now.  Nothing differs in the usual case, and nothing is read."""
+        assert self.loader is not None and self.source.updated_at is not None
+        started = time.monotonic()
+        column_type = await self._updated_at_type()
+        col = self.source.updated_at
+        if _TIME_TYPES.match(column_type):
+            low = sql.SQL("({w}::{t} - make_interval(secs => {l}))")
+        else:
+            low = sql.SQL("({w}::{t} - {l})")
+        since = low.format(w=sql.Literal(watermark), t=sql.SQL(column_type), l=sql.Literal(self.lookback()))
+        until = sql.SQL("{}::{}").format(sql.Literal(watermark), sql.SQL(column_type))
+
+        def window(alias: str | None) -> sql.Composable:
+            c = sql.Identifier(alias, col) if alias else sql.Identifier(col)
+            return sql.SQL("{c} >= {since} AND {c} <= {until}").format(c=c, since=since, until=until)
+
+        src_where = window(None)
+        if self.cfg.soft_delete_column:  # rows marked deleted are not in the destination
+            soft = sql.Identifier(self.cfg.soft_delete_column)
+            src_where = sql.SQL("{} AND NOT ({s} IS NOT NULL AND {s}::text NOT IN ('false', 'f'))").format(
+                src_where, s=soft
+            )
+        key = self.source.key
+        dest_key = self.cfg.destination.key
+        src_hash, dest_hash = key_hash(key, {}), key_hash(dest_key, {}, alias="d")
+        src_sum = key_hash((*key, col), {})
+        dest_sum = key_hash((*dest_key, col), {}, alias="d")
+        # timestamps hashed as text, in UTC as on the source (the session's zone is put back)
+        cur = await self.dest.execute("SELECT current_setting('TimeZone')")
+        zone = await cur.fetchone()
+        await self.dest.execute("SET LOCAL TimeZone = 'UTC'")
+        cur = await self.src.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE {}").format(self.source.relation(), src_where)
+        )
+        row = await cur.fetchone()
+        buckets = bucket_count(int(row[0]) if row else 0)
+        differing = await self.differing_buckets(
+            src_hash,
+            dest_hash,
+            buckets,
+            src_sum=src_sum,
+            dest_sum=dest_sum,
+            src_where=src_where,
+            dest_where=window("d"),
+        )
+        if zone is not None:
+            await self.dest.execute("SELECT set_config('TimeZone', %s, true)", [zone[0]])
+        reread = 0
+        if differing:
+            if len(differing) > buckets // 2:
+                where: sql.Composable = src_where
+                params: list[Any] | None = None
+            else:
+                where = sql.SQL("{} IN (SELECT unnest(%s::int[]))").format(bucket_of(src_hash, buckets))
+                params = [differing]
+            statement = sql.SQL("COPY (SELECT {cols} FROM {rel} WHERE {where}) TO STDOUT").format(
+                cols=self.select(columns), rel=self.source.relation(), where=where
+            )
+            stream = CopyStream(self.src.cursor().copy(statement, params), prefetch=True)
+            async with stream:
+                while not stream.done:
+                    await self.loader.load_copy_data(stream.chunks(self.cfg.destination.batch_size))
+                    await self.commit_data()
+            reread = stream.rows
+            self.read += reread
+        self.ctx.log.info(
+            "lookback window of %s: %s of %s key buckets differ, %s rows read again (%.2fs)",
+            self.source.name,
+            len(differing),
+            buckets,
+            reread,
+            time.monotonic() - started,
+        )
 
     async def high_water(self) -> str | None:
         if self.source.updated_at is None or self.tracking == BY_XMIN:
@@ -823,9 +918,20 @@ class Mirror:
         )
 
     async def differing_buckets(
-        self, src_hash: sql.Composable, dest_hash: sql.Composable, buckets: int
+        self,
+        src_hash: sql.Composable,
+        dest_hash: sql.Composable,
+        buckets: int,
+        *,
+        src_sum: sql.Composable | None = None,
+        dest_sum: sql.Composable | None = None,
+        src_where: sql.Composable = _TRUE,
+        dest_where: sql.Composable = _TRUE,
     ) -> list[int]:
-        """The buckets whose (count, sum of key hashes) differ between the two sides.
+        """The key buckets whose (count, sum of hashes) differ between the two sides.
+
+        Rows are bucketed by `*_hash` (of the key) and summed by `*_sum` (the same by
+        default), among the rows matching `*_where` (literal SQL: no parameters).
 
         The source's per-bucket sums arrive as COPY data (25 bytes a bucket) while the
         destination computes its own into a temporary table; the comparison runs there.
@@ -835,12 +941,15 @@ class Mirror:
             sql.Identifier(f"syncworker_buckets_src_{n}"),
             sql.Identifier(f"syncworker_buckets_{n}"),
         )
-        per_bucket = "SELECT {b}, count(*), sum({h}) FROM {rel} GROUP BY 1"
+        per_bucket = "SELECT {b}, count(*), sum({h}) FROM {rel} WHERE {w} GROUP BY 1"
 
         async def source_sums() -> list[bytes]:
             statement = sql.SQL("COPY ({}) TO STDOUT").format(
                 sql.SQL(per_bucket).format(
-                    b=bucket_of(src_hash, buckets), h=src_hash, rel=self.source.relation()
+                    b=bucket_of(src_hash, buckets),
+                    h=src_sum or src_hash,
+                    rel=self.source.relation(),
+                    w=src_where,
                 )
             )
             stream = CopyStream(self.src.cursor().copy(statement))
@@ -858,7 +967,10 @@ class Mirror:
                     sql.SQL("CREATE TEMP TABLE {} (b, n, s) AS {}").format(
                         ours,
                         sql.SQL(per_bucket).format(
-                            b=bucket_of(dest_hash, buckets), h=dest_hash, rel=dest_rel
+                            b=bucket_of(dest_hash, buckets),
+                            h=dest_sum or dest_hash,
+                            rel=dest_rel,
+                            w=dest_where,
                         ),
                     )
                 ),

@@ -112,7 +112,9 @@ def install_trigger(cfg: PostgresConfig) -> str:
             raise ToolError(f"the source has no table {name}")
         for statement in trigger_statements(table):
             conn.execute(statement)
-        if cfg.deletes == "hard":
+        version = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
+        tombstones = cfg.deletes == "hard" and version is not None and version[0] >= 130000  # xid8
+        if tombstones:
             found = conn.execute(
                 "SELECT 1 FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s",
                 [sql.Identifier(schema, relname).as_string(None), DELETE_TRIGGER],
@@ -121,8 +123,10 @@ def install_trigger(cfg: PostgresConfig) -> str:
                 conn.execute(statement)
     hint = "" if cfg.realtime else ' (set "realtime": true in the job\'s config for the worker to listen)'
     line = f"installed trigger {TRIGGER_NAME} on {name}: changes notify {CHANNEL}{hint}"
-    if cfg.deletes == "hard":
+    if tombstones:
         line += f"; deleted keys are recorded in {schema}.{TOMBSTONES}"
+    elif cfg.deletes == "hard":
+        line += "; deleted keys are not recorded (that needs PostgreSQL 13 or newer)"
     return line
 
 

@@ -343,11 +343,13 @@ class Mirror:
         mode = BY_UPDATED_AT if self.source.updated_at else EVERYTHING
         if self.source.table is not None:
             cur = await self.src.execute(
-                "SELECT c.relkind::text, pg_is_in_recovery() FROM pg_class c WHERE c.oid = %s::regclass",
+                "SELECT c.relkind::text, pg_is_in_recovery(), current_setting('server_version_num')::int"
+                " FROM pg_class c WHERE c.oid = %s::regclass",
                 [self.regclass()],
             )
             row = await cur.fetchone()
-            if row is not None and row[0] in ("r", "p") and not row[1]:
+            # pg_current_snapshot() and xid8 came with PostgreSQL 13
+            if row is not None and row[0] in ("r", "p") and not row[1] and row[2] >= 130000:
                 try:
                     async with self.src.transaction():
                         await self.src.execute(

@@ -73,7 +73,7 @@ def test_sigkill_during_a_large_copy_then_rerun_leaves_an_exact_mirror(
         """
         INSERT INTO events (id, account, payload, updated_at)
         SELECT g, g % 97, repeat(md5(g::text), 3), '2024-01-01'::timestamptz + g * interval '1 second'
-          FROM generate_series(1, 300000) g
+          FROM generate_series(1, 600000) g
     """,
     )
     add_job(db, "events", "postgres", config(), interval_seconds=3600)
@@ -94,13 +94,14 @@ def test_sigkill_during_a_large_copy_then_rerun_leaves_an_exact_mirror(
     finally:
         first.stop()
     copied = one(db, "SELECT count(*) FROM public.events")
-    assert 0 < copied < 300000, "the kill should land in the middle of the copy"
+    # (the copy commits every half second: enough rows that the kill lands before its end)
+    assert 0 < copied < 600000, "the kill should land in the middle of the copy"
     assert one(db, "SELECT state->>'phase' FROM syncworker.integrations") == "full"
 
     # Meanwhile the source changes: updates, deletes, inserts.
     execute(source, "UPDATE events SET payload = 'changed', updated_at = now() WHERE id % 1000 = 0")
     execute(source, "DELETE FROM events WHERE id % 777 = 0")
-    execute(source, "INSERT INTO events (id, account) SELECT g, 1 FROM generate_series(300001, 300100) g")
+    execute(source, "INSERT INTO events (id, account) SELECT g, 1 FROM generate_series(600001, 600100) g")
 
     second = WorkerProcess(db, tmp_path / "second.log", env=env)
     try:

@@ -55,14 +55,11 @@ async def _clean_session(conn: AsyncConnection[TupleRow]) -> None:
     """A run session going back to the pool: nothing a job did to it may outlive the job.
 
     Jobs run their own statements on it (`SET ROLE`, `SET statement_timeout`, ...): RESET
-    returns to the startup options.  An integration lock still held here belongs to no run
-    any more: released, and said, because it points at a bug.
+    returns to the startup options.  No integration lock may stay with a session that runs
+    nothing: every advisory lock it holds is released (one round trip; pg_locks is not read,
+    which would stall every session taking a lock meanwhile).
     """
-    cur = await conn.execute(Q["release_stray_locks"], {"keep": None})
-    row = await cur.fetchone()
-    if row is not None and row[0]:
-        log.warning("a run session went back to the pool holding %s integration lock(s): released", row[0])
-    await conn.execute(b"RESET ALL; RESET ROLE")
+    await conn.execute(b"SELECT pg_advisory_unlock_all(); RESET ALL; RESET ROLE")
 
 
 class StartupError(Exception):

@@ -589,6 +589,7 @@ class Mirror:
         assert self.loader is not None
         return self.source.updated_at is not None and self.source.updated_at in columns
 
+    # long: the window's SQL for both sides, then the re-read of the buckets that differ
     async def compare_window(self, columns: list[str], watermark: str) -> None:
         """Rows with `updated_at` in the lookback window before `watermark`: compare both sides
         per key bucket (count, sum of hashes of key and updated_at) and read again only the
@@ -852,6 +853,7 @@ class Mirror:
         finally:
             await self.src.set_read_only(True)
 
+    # long: totals, then buckets, then the keys of the buckets that differ: one comparison, read top to bottom
     async def bucket_deletes(self) -> None:
         """Find the destination rows the source no longer has, reading as few keys as possible.
 
@@ -919,6 +921,7 @@ class Mirror:
             time.monotonic() - started,
         )
 
+    # long: the bucket query for both sides, built once and run on each: read top to bottom
     async def differing_buckets(
         self,
         src_hash: sql.Composable,

@@ -95,6 +95,7 @@ def bucket_of(hash_expr: sql.Composable, buckets: int) -> sql.Composable:
     return sql.SQL("({} & {})").format(hash_expr, sql.Literal(buckets - 1))
 
 
+# long: the SQL of the tombstone table and its trigger, statement after statement
 def tombstone_statements(schema: str, table: str, key: tuple[str, ...], fresh: bool) -> list[sql.Composed]:
     """The tombstone table, its horizon and the delete/truncate triggers on `schema.table`.
 

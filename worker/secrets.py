@@ -31,7 +31,6 @@ _JSON_SHORT = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t"}
 _HTML_NAMED = {"&": "amp", '"': "quot", "'": "(?:apos|#39)", "<": "lt", ">": "gt"}
 
 
-
 class SecretError(ValueError):
     """A secret reference is malformed or cannot be resolved."""
 

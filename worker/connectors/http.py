@@ -44,7 +44,14 @@ from worker.connectors.base import (
     reject_unknown,
     require,
 )
-from worker.connectors.load import Destination, Loader, check_secret, identifier, parse_destination
+from worker.connectors.load import (
+    Destination,
+    Loader,
+    check_secret,
+    destination_session,
+    identifier,
+    parse_destination,
+)
 from worker.db.queries import Q
 from worker.errors import ErrorType
 
@@ -381,17 +388,12 @@ class HttpConnector(Connector):
 
     async def run(self, ctx: RunContext) -> RunResult:
         cfg: HttpConfig = ctx.config
-        async with Host(ctx.conn, cfg) as host, Fetcher(cfg, host, ctx) as fetcher:
-            if cfg.destination.dsn is None:
-                return await Sync(ctx, cfg, fetcher, ctx.conn).run()
-            dest_url = secrets.resolve(cfg.destination.dsn, "destination.dsn")
-            async with await psycopg.AsyncConnection.connect(
-                dest_url, **db.connect_kwargs("syncworker destination")
-            ) as dest:
-                result = await Sync(ctx, cfg, fetcher, dest).run()
-                if not ctx.dry_run:
-                    await dest.commit()  # the data first; the state commits after, fenced
-                return result
+        async with (
+            Host(ctx.conn, cfg) as host,
+            Fetcher(cfg, host, ctx) as fetcher,
+            destination_session(ctx, cfg.destination) as dest,
+        ):
+            return await Sync(ctx, cfg, fetcher, dest).run()
 
 
 # -- JSON paths and cursor values ----------------------------------------------------------------
@@ -779,14 +781,7 @@ class Sync:
             loader.counts.updated,
             loader.counts.deleted,
         )
-        return RunResult(
-            state=state,
-            records_processed=self.read,
-            inserted=loader.counts.inserted,
-            updated=loader.counts.updated,
-            deleted=loader.counts.deleted,
-            preview=loader.counts.preview if self.ctx.dry_run else None,
-        )
+        return loader.counts.result(self.ctx, self.read, state)
 
     def to_row(self, record: Any) -> tuple[Any, ...] | None:
         """A record as a row of the mapped columns; None (and a record error) if it cannot be."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,16 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.rows import TupleRow
 
-from worker import secrets
-from worker.connectors.base import ConfigError, RunContext, SyncError, expect, reject_unknown, require
+from worker import db, secrets
+from worker.connectors.base import (
+    ConfigError,
+    RunContext,
+    RunResult,
+    SyncError,
+    expect,
+    reject_unknown,
+    require,
+)
 
 DEFAULT_BATCH_SIZE = 10_000
 # Keys kept per category (insert / update / delete) for a dry run's report.
@@ -145,6 +154,40 @@ class Counts:
     failed: int = 0
     # dry runs: some keys of each kind of change
     preview: dict[str, list[str]] = field(default_factory=lambda: {"insert": [], "update": [], "delete": []})
+
+    def result(self, ctx: RunContext, records: int, state: dict[str, Any] | None = None) -> RunResult:
+        """The run's result from what was read and what the loader changed (the preview in a
+        dry run only): the one place where counts become a RunResult."""
+        return RunResult(
+            state=state,
+            records_processed=records,
+            inserted=self.inserted,
+            updated=self.updated,
+            deleted=self.deleted,
+            preview=self.preview if ctx.dry_run else None,
+        )
+
+
+@asynccontextmanager
+async def destination_session(ctx: RunContext, dest: Destination) -> AsyncIterator[Conn]:
+    """The session a connector writes its destination on: the rule every connector follows.
+
+    Into the control database (no `dsn`): the run's own session, so that data and state
+    commit in one transaction, exactly once.  Into another database: a session of its own,
+    whose data commits when the connector returns, before the state (which the runner
+    commits fenced): at least once, and upserts by key make a repeat harmless.  Nothing
+    commits in a dry run or when the connector fails.
+    """
+    if dest.dsn is None:
+        yield ctx.conn
+        return
+    url = secrets.resolve(dest.dsn, "destination.dsn")
+    async with await psycopg.AsyncConnection.connect(
+        url, **db.connect_kwargs("syncworker destination")
+    ) as conn:
+        yield conn
+        if not ctx.dry_run:
+            await conn.commit()
 
 
 class Loader:

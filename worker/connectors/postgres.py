@@ -54,6 +54,7 @@ from worker.connectors.load import (
     Destination,
     Loader,
     check_secret,
+    destination_session,
     identifier,
     key_columns,
     parse_destination,
@@ -197,13 +198,8 @@ class PostgresConnector(Connector):
             # Reads see one snapshot each (the incremental's max(updated_at) and its rows).
             await src.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
             await src.set_read_only(True)
-            if cfg.destination.dsn is None:
-                return await Mirror(ctx, cfg, src, ctx.conn, external=False).run()
-            dest_dsn = secrets.resolve(cfg.destination.dsn, "destination.dsn")
-            async with await psycopg.AsyncConnection.connect(
-                dest_dsn, **db.connect_kwargs("syncworker destination")
-            ) as dest:
-                return await Mirror(ctx, cfg, src, dest, external=True).run()
+            async with destination_session(ctx, cfg.destination) as dest:
+                return await Mirror(ctx, cfg, src, dest, external=cfg.destination.dsn is not None).run()
 
 
 def parse_source(config: Mapping[str, Any]) -> Source:
@@ -292,15 +288,7 @@ class Mirror:
         finally:
             await loader.close()
         await self.commit_data()
-        counts = loader.counts
-        return RunResult(
-            state=state,
-            records_processed=self.read,
-            inserted=counts.inserted,
-            updated=counts.updated,
-            deleted=counts.deleted,
-            preview=counts.preview if self.ctx.dry_run else None,
-        )
+        return loader.counts.result(self.ctx, self.read, state)
 
     # -- reading the source ---------------------------------------------------------------
 

@@ -21,11 +21,10 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from worker import db, secrets
+from worker import secrets
 from worker.connectors.base import (
     ConfigError,
     Connector,
@@ -36,7 +35,7 @@ from worker.connectors.base import (
     reject_unknown,
     require,
 )
-from worker.connectors.load import Loader, check_secret, identifier, parse_destination
+from worker.connectors.load import Loader, check_secret, destination_session, identifier, parse_destination
 from worker.errors import ErrorType
 
 CHUNK = 1000
@@ -131,16 +130,8 @@ class RedisConnector(Connector):
         url = secrets.resolve(cfg.url, "url")
         client = aioredis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10)
         try:
-            if cfg.destination.dsn is None:
-                return await _sync(ctx, cfg, client, ctx.conn)
-            dest_url = secrets.resolve(cfg.destination.dsn, "destination.dsn")
-            async with await psycopg.AsyncConnection.connect(
-                dest_url, **db.connect_kwargs("syncworker destination")
-            ) as dest:
-                result = await _sync(ctx, cfg, client, dest)
-                if not ctx.dry_run:
-                    await dest.commit()
-                return result
+            async with destination_session(ctx, cfg.destination) as dest:
+                return await _sync(ctx, cfg, client, dest)
         except redis.exceptions.ConnectionError as exc:
             raise SyncError(f"redis: {secrets.redact(str(exc))}", error_type=ErrorType.CONNECTION) from None
         except redis.exceptions.TimeoutError as exc:
@@ -190,13 +181,7 @@ async def _sync(ctx: RunContext, cfg: RedisConfig, client: aioredis.Redis, conn:
         loader.counts.updated,
         loader.counts.deleted,
     )
-    return RunResult(
-        records_processed=read,
-        inserted=loader.counts.inserted,
-        updated=loader.counts.updated,
-        deleted=loader.counts.deleted,
-        preview=loader.counts.preview if ctx.dry_run else None,
-    )
+    return loader.counts.result(ctx, read)
 
 
 def _read(cfg: RedisConfig, client: aioredis.Redis) -> AsyncIterator[list[tuple[Any, ...]]]:

@@ -17,8 +17,8 @@ the control database, or a connection to another destination database).
 
 from __future__ import annotations
 
-import itertools
 import re
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -200,8 +200,6 @@ class Loader:
     `delete_unseen()` can remove the rows the source no longer has.
     """
 
-    _ids = itertools.count(1)
-
     def __init__(
         self,
         conn: Conn,
@@ -222,7 +220,7 @@ class Loader:
         self.track_seen = track_seen
         self.counts = Counts()
         self.types: dict[str, str] = {}
-        n = next(self._ids)
+        n = uuid.uuid4().hex[:12]  # staging tables of one session never share a name
         self.stage = sql.Identifier(f"syncworker_stage_{n}")
         self.seen = sql.Identifier(f"syncworker_seen_{n}")
         self.copy_columns = [*self.columns, *([DELETED] if soft_delete else [])]

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -520,3 +522,24 @@ def test_a_job_blocking_in_a_thread_does_not_keep_a_stopped_worker_alive(jobdb: 
         assert proc.proc.wait(15) == 0
     run = runs_of(jobdb, "blocker")[0]
     assert run["status"] == "abandoned" and "shut down" in run["error"]
+
+
+def test_sigterm_while_starting_is_a_graceful_stop(jobdb: str, tmp_path: Path) -> None:
+    # --http answers before the worker has connected, registered and started its services:
+    # a SIGTERM from then on must be the usual graceful stop, not a kill.
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with workers(jobdb, tmp_path, 1, "--http", f"127.0.0.1:{port}") as (proc,):
+
+            def answering(port: int = port) -> bool:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                        return True
+                except OSError:
+                    return False
+
+            wait_for(answering, timeout=30, what="/healthz")
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(60) == 0, (attempt, proc.output()[-2000:])

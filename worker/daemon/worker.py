@@ -260,6 +260,11 @@ class Worker:
     # -- start and stop ---------------------------------------------------------------
 
     async def _start(self) -> None:
+        # First of all: a stop asked for while starting (systemd, Ctrl-C) is a graceful one.
+        # SIGHUP (a closed terminal, a reload) stops gracefully too rather than killing runs.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._on_signal, sig)
         await self._start_http()
         first = await self._connect_first()
         worker_id = self.listener.worker_id
@@ -291,10 +296,6 @@ class Worker:
         interval = watchdog_interval()
         if interval:
             self._service(lambda: self._watchdog(interval), "watchdog")
-        loop = asyncio.get_running_loop()
-        # SIGHUP (a closed terminal, a reload) stops gracefully too rather than killing runs.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self._on_signal, sig)
         log.info(
             "worker %s started (mode=%s, concurrency=%s) on %s",
             self.listener.worker_id,

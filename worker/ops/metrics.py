@@ -41,6 +41,7 @@ class Metrics:
     def __init__(self, concurrency: int) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[Any, ...], Any] = {}
         r = self.registry
         self.runs_started = Counter(
             "syncworker_runs_started", "Runs this replica started, by job kind", ["kind"], registry=r
@@ -95,15 +96,23 @@ class Metrics:
         self.listener_connected.set_function(lambda: float(listener_connected()))
 
     def run_started(self, kind: str) -> None:
-        self.runs_started.labels(kind=kind).inc()
+        self._child(self.runs_started, kind).inc()
         self.running.inc()
         self.in_progress += 1
 
     def run_finished(self, kind: str, status: str, seconds: float) -> None:
         self.running.dec()
         self.in_progress -= 1
-        self.runs_finished.labels(kind=kind, status=status).inc()
-        self.run_duration.labels(kind=kind).observe(seconds)
+        self._child(self.runs_finished, kind, status).inc()
+        self._child(self.run_duration, kind).observe(seconds)
+
+    def _child(self, family: Any, *labels: str) -> Any:
+        """A labelled series, looked up once (a lookup per run costs more than the count)."""
+        key = (id(family), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
 
 
 class MeasuredRunner(PooledRunner):

@@ -56,9 +56,12 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
-        values = dict(row)
+        values = {name: row[name] for name in _ROW_FIELDS}
         values["unreadable"] = db.read_json(values, "config", "state")
-        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
+        return cls(**values)
+
+
+_ROW_FIELDS = tuple(name for name in Job.__dataclass_fields__ if name != "unreadable")
 
 
 @dataclass(frozen=True)

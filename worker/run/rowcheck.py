@@ -9,6 +9,7 @@ from typing import Any
 from worker import connectors, db, secrets
 from worker.connectors.base import EnvironmentProblem
 from worker.run import hooks, schedule
+from worker.run.outcome import config_problem
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,6 @@ def problems(row: Mapping[str, Any], *, resolve_secrets: bool = False) -> Proble
     Parsed exactly as the runner parses it (schedule, after_success, the connector's
     config).  With `resolve_secrets`, every secret reference in the config is also read.
     """
-    from worker.run.outcome import config_problem
-
     if isinstance(row["config"], str):  # as the queries send it
         row = dict(row)
         if unreadable := db.read_json(row, "config"):

@@ -159,9 +159,7 @@ class Runner:
                 return None
             failure = classify(exc, timed_out=deadline.expired())
             log.error("run failed (%s): %s", failure.error_type, failure.message)
-            ending = outcome.failed(
-                job, sched, clock.now(), failure, rand=self.rand(), max_backoff=self.max_backoff
-            )
+            ending = self._failed(job, sched, clock.now(), failure)
             return await self._finish(
                 lock, job, ending, RunResult(), ctx.errors, ctx.failed_records, following
             )
@@ -173,6 +171,10 @@ class Runner:
         if after_success and final in ("success", "partial"):
             await self._after_success(conn, job, after_success)
         return final
+
+    def _failed(self, job: Job, sched: schedule.Schedule | None, now: datetime, failure: Failure) -> Ending:
+        """How a failed run ends for its job, with this runner's jitter and backoff cap."""
+        return outcome.failed(job, sched, now, failure, rand=self.rand(), max_backoff=self.max_backoff)
 
     @staticmethod
     async def _checkpoint(conn: AsyncConnection[TupleRow], job: Job, state: dict[str, Any]) -> None:
@@ -234,9 +236,7 @@ class Runner:
             failure = outcome.not_recorded(classify(exc, timed_out=False))
             log.error("%s", failure.message)
             clock = await _DbClock.read(conn)
-            ending = outcome.failed(
-                job, None, clock.now(), failure, rand=self.rand(), max_backoff=self.max_backoff
-            )
+            ending = self._failed(job, None, clock.now(), failure)
             return await self._commit_finish(lock, job, ending, RunResult(), [], 0, None)
 
     async def _commit_finish(
@@ -369,9 +369,7 @@ class PooledRunner(Runner):
         try:
             async with self.pool.connection() as conn:
                 clock = await _DbClock.read(conn)
-                ending = outcome.failed(
-                    job, None, clock.now(), failure, rand=self.rand(), max_backoff=self.max_backoff
-                )
+                ending = self._failed(job, None, clock.now(), failure)
                 await self._commit_finish(
                     _Lock(conn, job.id, held=False), job, ending, RunResult(), [], 0, None
                 )

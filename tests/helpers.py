@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -174,6 +175,58 @@ def workers(
             p.stop()
         for p in procs:
             print(f"--- {p.log_path.name} ---\n{p.output()[-4000:]}")
+
+
+class Supervisor:
+    """`count` worker processes kept running as systemd's `Restart=always` would: one that
+    exits is started again after `restart_sec`.  Every exit is kept in `deaths`."""
+
+    def __init__(
+        self,
+        url: str,
+        tmp_path: Path,
+        count: int,
+        *args: str,
+        env: dict[str, str] | None = None,
+        restart_sec: float = 0.1,
+    ) -> None:
+        self._start = lambda slot, n: WorkerProcess(url, tmp_path / f"worker{slot}.{n}.log", *args, env=env)
+        self.restart_sec = restart_sec
+        self.procs = [self._start(slot, 0) for slot in range(count)]
+        self.all = list(self.procs)
+        self.deaths: list[int] = []  # exit codes, in order
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            for slot, proc in enumerate(self.procs):
+                code = proc.proc.poll()
+                if code is None or self._stop.wait(self.restart_sec):
+                    continue
+                self.deaths.append(code)
+                self.procs[slot] = self._start(slot, len(self.deaths))
+                self.all.append(self.procs[slot])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for p in self.all:
+            p.stop()
+        for p in self.all:
+            print(f"--- {p.log_path.name} ---\n{p.output()[-3000:]}")
+
+
+@contextmanager
+def supervised(
+    url: str, tmp_path: Path, count: int = 1, *args: str, env: dict[str, str] | None = None
+) -> Iterator[Supervisor]:
+    supervisor = Supervisor(url, tmp_path, count, *args, env=env)
+    try:
+        yield supervisor
+    finally:
+        supervisor.stop()
 
 
 def worker_ids_live(url: str) -> int:

@@ -79,3 +79,8 @@ async def abandoned_midway(ctx: RunContext) -> RunResult:
 
 def exits(ctx: RunContext) -> None:
     raise SystemExit(3)
+
+
+def die(ctx: RunContext) -> None:
+    """A poison job: ends the whole process, as a segfault or the OOM killer would."""
+    os._exit(3)

@@ -13,6 +13,7 @@ class ErrorType(StrEnum):
     SECRET_UNAVAILABLE = "secret_unavailable"  # a secret reference could not be read
     TIMEOUT = "timeout"  # the run passed timeout_seconds
     ABANDONED = "abandoned"  # its worker died, lost its session or shut down; the job runs again
+    CRASH_LOOP = "crash_loop"  # max_abandons runs in a row were abandoned: the job is disabled
     CONNECTION = "connection"  # a database or network connection failed
     SQL_ERROR = "sql_error"  # a statement failed
     EXCEPTION = "exception"  # the job's code raised something else

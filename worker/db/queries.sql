@@ -123,6 +123,7 @@ UPDATE syncworker.integrations i
        last_status = %(status)s,
        last_error = %(error)s,
        retry_count = %(retry_count)s,
+       abandon_count = 0,
        enabled = i.enabled AND %(disabled_reason)s::text IS NULL,
        disabled_reason = coalesce(%(disabled_reason)s::text, i.disabled_reason),
        -- A trigger that arrived during the run gets its one follow-up run now.
@@ -151,8 +152,9 @@ VALUES (%(integration_id)s, %(run_id)s, %(error_type)s, %(message)s, %(detail)s,
 SELECT pg_notify('syncworker_alerts', %(payload)s);
 
 -- name: abandon_run
--- Give a run up (its session is gone, or the worker is shutting down) and rerun the job.
-SELECT syncworker.abandon_run(%(run_id)s, %(reason)s) AS integration_id;
+-- Give a run up (its session is gone, or the worker is shutting down) and rerun the job.  A run
+-- lost with its session is %(counted)s toward the job's max_abandons; a graceful stop's is not.
+SELECT syncworker.abandon_run(%(run_id)s, %(reason)s, %(counted)s) AS integration_id;
 
 -- name: announce_runs
 -- Wake the leader's rescuer: this worker started running while none of its runs ran.

@@ -151,7 +151,9 @@ class Runner:
             if interrupted == "shutdown":  # hand the job back for an immediate rerun
                 self.census.finishing(job.run_id)
                 reason = "the worker shut down before the run finished"
-                await conn.execute(Q["abandon_run"], {"run_id": job.run_id, "reason": reason})
+                await conn.execute(
+                    Q["abandon_run"], {"run_id": job.run_id, "reason": reason, "counted": False}
+                )
                 log.warning("run abandoned: the worker is shutting down")
                 raise
             if interrupted == "fenced":
@@ -383,7 +385,9 @@ class PooledRunner(Runner):
         while True:
             try:
                 async with self.pool.connection() as conn:
-                    await conn.execute(Q["abandon_run"], {"run_id": job.run_id, "reason": reason})
+                    await conn.execute(
+                        Q["abandon_run"], {"run_id": job.run_id, "reason": reason, "counted": True}
+                    )
                 return
             except psycopg.OperationalError:
                 await asyncio.sleep(delay)

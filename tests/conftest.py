@@ -10,12 +10,17 @@ touch keys under a unique prefix.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from helpers import ADMIN_URL, REDIS_URL, create_database, db_prefix, drop_database, url_for_db
+
+# The tests connect as the superuser postgres, and their sql jobs have no run_as: let the runs
+# in this process (run_once) run them, as the worker processes do (helpers.worker_env).
+os.environ.setdefault("SYNCWORKER_ALLOW_SUPERUSER_JOBS", "1")
 
 __all__ = ["ADMIN_URL", "REDIS_URL", "create_database", "drop_database", "url_for_db"]
 

@@ -23,6 +23,7 @@ def cli(
         k: v for k, v in os.environ.items() if not k.startswith(("SYNCWORKER_", "PG")) and k != "DATABASE_URL"
     }
     full["PYTHONPATH"] = str(TESTS)
+    full["SYNCWORKER_ALLOW_SUPERUSER_JOBS"] = "1"  # as helpers.worker_env: the tests connect as postgres
     if url is not None:
         full["SYNCWORKER_DATABASE_URL"] = url
     full.update(env or {})

@@ -30,7 +30,14 @@ from worker.cli.common import (
     shorten,
 )
 from worker.connectors.base import ConfigError
-from worker.daemon.settings import SETTINGS, Settings, SettingsError
+from worker.daemon.settings import (
+    ALLOW_SUPERUSER_JOBS,
+    SETTINGS,
+    Settings,
+    SettingsError,
+    allow_superuser_jobs,
+    boolean,
+)
 from worker.db.migrate import SchemaMismatch
 from worker.db.queries import Q
 
@@ -78,11 +85,13 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per comm
 
     run = sub.add_parser("run", parents=[common], help="run the worker daemon")
     for setting in SETTINGS:
+        switch = {"nargs": "?", "const": "true"} if setting.parse is boolean else {}
         run.add_argument(
             setting.flag,
             dest=setting.name,
             metavar=setting.name.split("_")[-1].upper(),
             help=f"{setting.help} (env {setting.env}, default {setting.default})",
+            **switch,  # type: ignore[arg-type]
         )
 
     status = sub.add_parser("status", parents=[common], help="one line per integration")
@@ -103,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per comm
     once.add_argument("name")
     once.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     once.add_argument("--log-format", choices=["text", "json"], default="text")
+    _superuser_flag(once)
 
     install = sub.add_parser(
         "install-trigger",
@@ -118,15 +128,26 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per comm
     )
     verify.add_argument("name")
 
-    sub.add_parser(
+    check = sub.add_parser(
         "check",
         parents=[common],
         help="validate every integration's kind, config and schedule without running anything",
     )
+    _superuser_flag(check)
     from worker.cli import operator as ops_cli
 
     ops_cli.add_commands(sub, common, COMMANDS)
     return parser
+
+
+def _superuser_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        ALLOW_SUPERUSER_JOBS.flag,
+        dest="allow_superuser_jobs",
+        action="store_true",
+        default=None,
+        help=f"{ALLOW_SUPERUSER_JOBS.help} (env {ALLOW_SUPERUSER_JOBS.env})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -383,8 +404,13 @@ def cmd_check(args: argparse.Namespace, target: db.Target) -> int:
 
     with connect(target) as conn:
         rows = conn.execute(Q["all_integrations"]).fetchall()
+        allow = allow_superuser_jobs(args.allow_superuser_jobs)
+        found = [
+            (row["name"], problem)
+            for row in rows
+            if (problem := problems(row, resolve_secrets=True) or _session_problem(conn, row, allow))
+        ]
     say_database(target)
-    found = [(row["name"], problem) for row in rows if (problem := problems(row, resolve_secrets=True))]
     invalid = [(name, p) for name, p in found if not p.local]
     for name, problem in invalid:
         print(f"{name}: {problem.message}")
@@ -404,6 +430,21 @@ def cmd_check(args: argparse.Namespace, target: db.Target) -> int:
     return 0
 
 
+def _session_problem(conn: psycopg.Connection[Any], row: dict[str, Any], allow: bool) -> Any:
+    """A `sql` job a worker connecting like this shell would refuse (a superuser's session
+    without run_as, a run_as role this login is not a member of): a warning, as the worker
+    may connect as another role."""
+    from worker.connectors import sql
+    from worker.run.rowcheck import Problem
+
+    found = sql.on_control_session(row["kind"], json.loads(row["config"]))
+    if found is None:
+        return None
+    (run_as,) = found
+    reason = sql.refusal(run_as, sql.check_session_sync(conn, run_as), allow_superuser=allow)
+    return None if reason is None else Problem(f"run_as: {reason}", local=True)
+
+
 def cmd_run_once(args: argparse.Namespace, target: db.Target) -> int:
     import logging
 
@@ -413,7 +454,11 @@ def cmd_run_once(args: argparse.Namespace, target: db.Target) -> int:
     logs.setup(args.log_format, "info")
     _check_database(target)
     try:
-        outcome = asyncio.run(run_once(target.url, args.name, dry_run=args.dry_run))
+        outcome = asyncio.run(
+            run_once(
+                target.url, args.name, dry_run=args.dry_run, allow_superuser_jobs=args.allow_superuser_jobs
+            )
+        )
     except OneShotError as exc:
         raise CliError(str(exc)) from None
     except ConfigError as exc:

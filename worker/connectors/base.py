@@ -102,6 +102,8 @@ class RunContext:
     log: logging.Logger | logging.LoggerAdapter[logging.Logger]
     trigger: str = "schedule"
     dry_run: bool = False
+    # --allow-superuser-jobs: a sql job without run_as may run on a superuser's session
+    allow_superuser_jobs: bool = False
     # the job's usual gap between runs (interval, or cron's next gap); None for manual-only jobs
     period_seconds: float | None = None
     # How `checkpoint` commits (the runner's, fenced on the run); None in a dry run: nothing commits.

@@ -1,4 +1,11 @@
-"""`sql`: run one statement on a schedule (a refresh, a CALL, an INSERT … SELECT)."""
+"""`sql`: run one statement on a schedule (a refresh, a CALL, an INSERT … SELECT).
+
+With `run_as` the statement runs as that role, fenced: it is executed inside a SECURITY
+DEFINER function owned by the role, created for the run in the session's pg_temp and gone
+with it. Postgres refuses `SET ROLE`, `RESET ROLE`, `SET SESSION AUTHORIZATION` and
+`set_config('role', ...)` inside such a function, so the statement cannot take back the
+worker's own role (a plain `SET LOCAL ROLE` could be undone by the job's `RESET ROLE`).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,39 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import AsyncConnection, sql
+from psycopg.rows import dict_row
 
 from worker import db, secrets
 from worker.connectors.base import (
     ConfigError,
     Connector,
+    EnvironmentProblem,
     RunContext,
     RunResult,
     expect,
     reject_unknown,
     require,
 )
+from worker.db.queries import Q
+
+# Role names are identifiers: at most 63 bytes (NAMEDATALEN - 1).
+_MAX_ROLE_NAME = 63
+
+# The fence: the job's statement, executed as the function's owner (the run_as role).
+# search_path is pinned to the session's own, so unqualified names resolve as they would
+# without run_as. Created under SET LOCAL ROLE, called as the worker's login, dropped by
+# the DISCARD TEMP that follows the call (with anything else the job left in pg_temp).
+_FENCE = b"""CREATE FUNCTION pg_temp.syncworker_job(statement text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $fence$
+DECLARE
+  affected bigint;
+BEGIN
+  EXECUTE statement;
+  GET DIAGNOSTICS affected = ROW_COUNT;
+  RETURN affected;
+END
+$fence$"""
 
 
 @dataclass(frozen=True)
@@ -25,6 +54,68 @@ class SqlConfig:
     statement: str
     params: dict[str, Any] | list[Any] | None
     dsn: Any  # a secret reference, or None for the control database
+    run_as: str | None = None  # the role the statement runs as; None: the session's own
+
+
+@dataclass(frozen=True)
+class Session:
+    """Who a session is, and what it may do with a job's `run_as` role (`run_as_check`)."""
+
+    login: str
+    login_superuser: bool
+    found: bool = False
+    member: bool = False
+    role_superuser: bool = False
+
+
+def refusal(run_as: str | None, session: Session, *, allow_superuser: bool) -> str | None:
+    """Why `session` may not run a job with `run_as`, or None; pure.
+
+    A superuser's session runs a statement only as another role, unless the worker was
+    started with --allow-superuser-jobs.
+    """
+    if run_as is None:
+        if session.login_superuser and not allow_superuser:
+            return (
+                f'not set, and the statement would run as "{session.login}", a superuser, who can do '
+                "anything on the server (COPY ... TO PROGRAM included): set run_as to a role with only "
+                "what the job needs, connect the worker as a role that is not a superuser, or start "
+                "it with --allow-superuser-jobs (SYNCWORKER_ALLOW_SUPERUSER_JOBS=1)"
+            )
+        return None
+    if not session.found:
+        return f'role "{run_as}" does not exist'
+    if not session.member:
+        return (
+            f'the worker\'s login "{session.login}" is not a member of role "{run_as}": '
+            f'GRANT "{run_as}" TO "{session.login}"'
+        )
+    if session.role_superuser and not allow_superuser:
+        return (
+            f'role "{run_as}" is a superuser: give the job a role with only what it needs, or start '
+            "the worker with --allow-superuser-jobs"
+        )
+    return None
+
+
+async def check_session(conn: AsyncConnection[Any], run_as: str | None) -> Session:
+    """Who `conn` is: read from the server's reports when no role is asked about (no round
+    trip), else with `run_as_check`."""
+    reported = conn.info.parameter_status("is_superuser")
+    if run_as is None and reported is not None:
+        return Session(conn.info.parameter_status("session_authorization") or "", reported == "on")
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (await cur.execute(Q["run_as_check"], {"role": run_as})).fetchone()
+    assert row is not None
+    return Session(**row)
+
+
+def check_session_sync(conn: psycopg.Connection[Any], run_as: str | None) -> Session:
+    """`check_session` for the command line's sessions."""
+    cur = conn.cursor(row_factory=dict_row)
+    row = cur.execute(Q["run_as_check"], {"role": run_as}).fetchone()
+    assert row is not None
+    return Session(**row)
 
 
 class SqlConnector(Connector):
@@ -33,13 +124,14 @@ class SqlConnector(Connector):
     Without `dsn` the statement runs in the run's own transaction on the control
     database, so its effects commit if and only if the run is recorded as done.
     With `dsn` (a secret reference) it runs on that database in its own transaction.
+    With `run_as` it runs as that role (see the module's docstring).
     `records_processed` is the number of rows the statement affected.
     """
 
     kind = "sql"
 
     def validate(self, config: Mapping[str, Any]) -> SqlConfig:
-        reject_unknown(config, {"statement", "params", "dsn"})
+        reject_unknown(config, {"statement", "params", "dsn", "run_as"})
         statement = require(config, "statement", str, "the SQL statement to run, as a string")
         if not statement.strip():
             raise ConfigError("statement", "must not be empty")
@@ -52,19 +144,67 @@ class SqlConnector(Connector):
                 secrets.check_reference(dsn, "dsn")
             except secrets.SecretError as exc:
                 raise ConfigError("dsn", str(exc).removeprefix("dsn: ")) from None
-        return SqlConfig(statement, params, dsn)
+        run_as = expect(config, "run_as", str, "the name of a role the worker's login is a member of")
+        if run_as is not None and not 0 < len(run_as.encode()) <= _MAX_ROLE_NAME:
+            raise ConfigError("run_as", f"expected a role name of 1 to {_MAX_ROLE_NAME} bytes")
+        return SqlConfig(statement, params, dsn, run_as)
 
     async def run(self, ctx: RunContext) -> RunResult:
         config: SqlConfig = ctx.config
-        query = config.statement.encode()
+        allow = ctx.allow_superuser_jobs
         if config.dsn is None:
-            cur = await ctx.conn.execute(query, config.params)
-            return RunResult(records_processed=max(cur.rowcount, 0))
+            return RunResult(records_processed=await execute(ctx.conn, config, allow_superuser=allow))
         dsn = secrets.resolve(config.dsn, "dsn")
         ctx.log.info("running statement on %s", db.describe_target(dsn))
         async with await psycopg.AsyncConnection.connect(dsn, **db.connect_kwargs()) as conn:
-            cur = await conn.execute(query, config.params)
-            rowcount = max(cur.rowcount, 0)
+            rowcount = await execute(conn, config, allow_superuser=allow)
             if ctx.dry_run:
                 await conn.rollback()
         return RunResult(records_processed=rowcount)
+
+
+async def execute(conn: AsyncConnection[Any], config: SqlConfig, *, allow_superuser: bool) -> int:
+    """Run the job's statement on `conn` (in its open transaction); the rows it affected.
+
+    Refused (EnvironmentProblem, before anything runs) when `refusal` says so.
+    """
+    session = await check_session(conn, config.run_as)
+    problem = refusal(config.run_as, session, allow_superuser=allow_superuser)
+    if problem is not None:
+        raise EnvironmentProblem("run_as", problem)
+    if config.run_as is None:
+        cur = await conn.execute(config.statement.encode(), config.params)
+        return max(cur.rowcount, 0)
+    return await _fenced(conn, config.run_as, config.statement, config.params)
+
+
+async def _fenced(conn: AsyncConnection[Any], role: str, statement: str, params: Any) -> int:
+    """`statement` run as `role` inside the fence (a SECURITY DEFINER function of the role's)."""
+    # The parameters become literals: the statement travels as one text argument.
+    text = psycopg.AsyncClientCursor(conn).mogrify(statement, params) if params is not None else statement
+    try:
+        async with conn.pipeline():
+            await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+            await conn.execute(_FENCE)
+            await conn.execute(b"RESET ROLE")
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise EnvironmentProblem(
+            "run_as",
+            f'role "{role}" may not create the temporary function the job runs in '
+            f'({exc.diag.message_primary}): GRANT TEMPORARY ON DATABASE ... TO "{role}"',
+        ) from None
+    cur = await conn.execute(b"SELECT pg_temp.syncworker_job(%s)", [text])
+    row = await cur.fetchone()
+    # The fence, and whatever the job created in pg_temp (nothing it made may outlive the
+    # run on the worker's session, where a temporary table could shadow another one).
+    await conn.execute(b"DISCARD TEMP")
+    return max(int(row[0]) if row and row[0] is not None else 0, 0)
+
+
+def on_control_session(kind: object, config: object) -> tuple[str | None] | None:
+    """For a valid `sql` job whose statement runs on the control database: its run_as, in a
+    1-tuple; None for any other job. What `check` and `run-once` ask the session about."""
+    if kind != SqlConnector.kind or not isinstance(config, Mapping) or config.get("dsn") is not None:
+        return None
+    run_as = config.get("run_as")
+    return (run_as if isinstance(run_as, str) else None,)

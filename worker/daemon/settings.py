@@ -128,6 +128,12 @@ SETTINGS = [
         boolean,
         "allow --http on a non-loopback address without SYNCWORKER_HTTP_TOKEN",
     ),
+    Setting(
+        "allow_superuser_jobs",
+        False,
+        boolean,
+        "run sql jobs without run_as even when the worker's login is a superuser (refused otherwise)",
+    ),
 ]
 
 
@@ -145,6 +151,7 @@ class Settings:
     log_level: str = "info"
     http: str = ""
     http_insecure: bool = False
+    allow_superuser_jobs: bool = False
     database_url: str = ""
 
     @classmethod
@@ -170,3 +177,17 @@ class Settings:
                 raise SettingsError(f"{source}: {exc}") from None
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+ALLOW_SUPERUSER_JOBS = next(s for s in SETTINGS if s.name == "allow_superuser_jobs")
+
+
+def allow_superuser_jobs(flag: bool | None = None, env: Mapping[str, str] | None = None) -> bool:
+    """--allow-superuser-jobs (`run`, `run-once`, `check`), else SYNCWORKER_ALLOW_SUPERUSER_JOBS."""
+    if flag is not None:
+        return flag
+    raw = (os.environ if env is None else env).get(ALLOW_SUPERUSER_JOBS.env, "")
+    try:
+        return bool(ALLOW_SUPERUSER_JOBS.parse(raw)) if raw else False
+    except SettingsError as exc:
+        raise SettingsError(f"{ALLOW_SUPERUSER_JOBS.env}: {exc}") from None

@@ -104,6 +104,7 @@ class Worker:
             max_backoff=settings.max_backoff,
             census=self.census,
             metrics=self.metrics,
+            allow_superuser_jobs=settings.allow_superuser_jobs,
         )
         self.listener = Listener(
             self.url,

@@ -509,3 +509,12 @@ UPDATE syncworker.alerts
        attempts = attempts + %(attempts)s,
        last_error = coalesce(%(error)s, last_error)
  WHERE id = %(id)s;
+
+-- name: run_as_check
+-- sql jobs: who this session is, and whether it may run a job as `role` (NULL: no run_as).
+SELECT current_user AS login, current_setting('is_superuser') = 'on' AS login_superuser,
+       r.oid IS NOT NULL AS found,
+       coalesce(pg_has_role(current_user, r.oid, 'MEMBER'), false) AS member,
+       coalesce(r.rolsuper, false) AS role_superuser
+  FROM (SELECT %(role)s::text AS name) wanted
+  LEFT JOIN pg_catalog.pg_roles r ON r.rolname = wanted.name;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,10 +10,12 @@ import psycopg
 from psycopg.rows import dict_row
 
 from worker import db
+from worker.connectors import sql
 from worker.connectors.base import ConfigError, RunResult
+from worker.daemon import settings
 from worker.db.queries import Q
 from worker.run.outcome import classify
-from worker.run.rowcheck import problems
+from worker.run.rowcheck import Problem, problems
 from worker.run.runner import Job, Runner
 
 
@@ -29,15 +32,24 @@ class OneShot:
     failed_records: int = 0
 
 
-async def run_once(url: str, name: str, *, dry_run: bool = False, local_check: bool = True) -> OneShot:
+async def run_once(
+    url: str,
+    name: str,
+    *,
+    dry_run: bool = False,
+    local_check: bool = True,
+    allow_superuser_jobs: bool | None = None,
+) -> OneShot:
     """One run of `name` now, recorded like any other (a dry run records nothing).
 
     With `local_check` (the command line), a job this process cannot run for reasons of its
     own environment (a module not on its path, a secret it cannot read) is not run at all:
     OneShotError, and the job is left as it is.  Without it, such a job fails and is
-    disabled as it would on a worker whose environment lacks them.
+    disabled as it would on a worker whose environment lacks them. `allow_superuser_jobs`
+    (default: SYNCWORKER_ALLOW_SUPERUSER_JOBS) is the worker's --allow-superuser-jobs.
     """
-    runner = Runner()
+    allow = settings.allow_superuser_jobs(allow_superuser_jobs)
+    runner = Runner(allow_superuser_jobs=allow)
     async with await psycopg.AsyncConnection.connect(
         url, autocommit=True, **db.connect_kwargs("syncworker run-once")
     ) as conn:
@@ -49,6 +61,8 @@ async def run_once(url: str, name: str, *, dry_run: bool = False, local_check: b
         # A module or secret this shell lacks says nothing of the job: never record it as
         # the job's failure (the worker, whose environment it is, may run it fine).
         problem = problems(row, resolve_secrets=True) if local_check else None
+        if local_check and problem is None:
+            problem = await _session_problem(conn, row, allow)
         if problem is not None and problem.local:
             raise OneShotError(
                 f"{name}: this shell cannot run it ({problem.message}); the job was left as it is. "
@@ -61,6 +75,19 @@ async def run_once(url: str, name: str, *, dry_run: bool = False, local_check: b
         job = Job.from_row(claimed)
         status = await runner.run_on(conn, job)
         return OneShot(status, job.run_id)
+
+
+async def _session_problem(
+    conn: psycopg.AsyncConnection[Any], row: dict[str, Any], allow: bool
+) -> Problem | None:
+    """A `sql` job this session may not run as it stands (a superuser's session, a run_as role
+    it is not a member of): the worker's own session may well be another."""
+    found = sql.on_control_session(row["kind"], json.loads(row["config"]))
+    if found is None:
+        return None
+    (run_as,) = found
+    reason = sql.refusal(run_as, await sql.check_session(conn, run_as), allow_superuser=allow)
+    return None if reason is None else Problem(f"run_as: {reason}", local=True)
 
 
 async def _dry_run(runner: Runner, conn: psycopg.AsyncConnection[Any], row: dict[str, Any]) -> OneShot:

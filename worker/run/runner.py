@@ -44,7 +44,9 @@ class Runner:
         max_backoff: float = schedule.DEFAULT_MAX_BACKOFF,
         rand: Callable[[], float] = random.random,
         census: Census | None = None,
+        allow_superuser_jobs: bool = False,
     ) -> None:
+        self.allow_superuser_jobs = allow_superuser_jobs
         self.max_backoff = max_backoff
         self.rand = rand
         self.census = census or Census()
@@ -100,6 +102,7 @@ class Runner:
             log=logging.getLogger(f"syncworker.connector.{job.kind}"),
             trigger=job.trigger,
             dry_run=dry_run,
+            allow_superuser_jobs=self.allow_superuser_jobs,
             commit_state=None if dry_run else functools.partial(self._checkpoint, conn, job),
         )
 

@@ -10,8 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from worker.ops.metrics import Metrics, Snapshot
+from worker.ops.metrics import Metrics, Snapshot, render
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -38,11 +40,13 @@ def exported() -> tuple[set[str], set[str]]:
         "running": True,
         "running_since_epoch": 1.0,
     }
-    metrics.fleet.snapshot = Snapshot(
+    snapshot = Snapshot(
         jobs=[job], errors={"timeout": 1}, workers=[{"alive": True, "leader": True}], db_now=3.0, taken=1.0
     )
+    # What /metrics serves: the replica's registry, then the fleet's series as rendered text.
+    body = generate_latest(metrics.registry) + render(snapshot)
     families, samples = set(), set()
-    for family in metrics.registry.collect():
+    for family in text_string_to_metric_families(body.decode()):
         families.add(family.name)
         samples.update(sample.name for sample in family.samples)
     return families, samples

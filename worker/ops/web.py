@@ -225,10 +225,7 @@ class HttpServer:
         return {"database": "ok", "schema": schema}
 
     async def _snapshot(self) -> Snapshot | None:
-        try:
-            return await self.worker.metrics.fleet.refresh(self.worker.pool)
-        except Exception:
-            return None
+        return await self.worker.metrics.fleet.refresh(self.worker.pool)
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         report = summarize(await self._snapshot(), self._replica())
@@ -236,7 +233,7 @@ class HttpServer:
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         await self._snapshot()  # a failed read shows as syncworker_fleet_up 0
-        body = generate_latest(self.worker.metrics.registry)
+        body = generate_latest(self.worker.metrics.registry) + self.worker.metrics.fleet.text
         response = web.Response(body=body)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response

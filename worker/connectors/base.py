@@ -11,25 +11,41 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
+from worker.connectors.config import (
+    ConfigError,
+    EnvironmentProblem,
+    check_secret,
+    expect,
+    identifier,
+    reject_unknown,
+    require,
+)
 from worker.errors import ErrorType
+
+# The config helpers live in worker.connectors.config; plugins may import them from here too.
+__all__ = [
+    "FENCED_SQLSTATE",
+    "MAX_RECORD_ERRORS_KEPT",
+    "ConfigError",
+    "Connector",
+    "EnvironmentProblem",
+    "FencedError",
+    "RealtimeSource",
+    "RecordError",
+    "RunContext",
+    "RunResult",
+    "SyncError",
+    "check_secret",
+    "expect",
+    "identifier",
+    "is_fence",
+    "reject_unknown",
+    "require",
+]
 
 # Per-record errors kept in full for one run; beyond this only the count grows,
 # so a source that rejects millions of records cannot exhaust memory.
 MAX_RECORD_ERRORS_KEPT = 10_000
-
-
-class ConfigError(ValueError):
-    """The integration's config is not valid for its kind (error_type config_invalid)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}" if field else problem)
-        self.field = field
-
-
-class EnvironmentProblem(ConfigError):
-    """The config may well be right, but this process cannot use it: a module it cannot
-    import, a secret it cannot read.  The worker treats it as the job's config problem; an
-    operator's command (`check`, `run-once`) run from another shell only warns."""
 
 
 class SyncError(Exception):
@@ -176,52 +192,3 @@ class Connector(ABC):
     def realtime_source(self, config: Any) -> RealtimeSource | None:
         """For jobs that want runs on change: where to LISTEN (`config` as `validate` returned it)."""
         return None
-
-
-def require(
-    config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str, prefix: str = ""
-) -> Any:
-    """config[key], which must exist and be of `kind`; else a ConfigError saying `what`.
-
-    `prefix` names the enclosing object in the error ("source" gives "source.key").
-    """
-    if key not in config:
-        raise ConfigError(f"{prefix}.{key}" if prefix else key, f"is required ({what})")
-    if config[key] is None:
-        raise ConfigError(f"{prefix}.{key}" if prefix else key, f"expected {what}, got null")
-    return expect(config, key, kind, what, prefix=prefix)
-
-
-def expect(
-    config: Mapping[str, Any],
-    key: str,
-    kind: type | tuple[type, ...],
-    what: str,
-    default: Any = None,
-    prefix: str = "",
-) -> Any:
-    """config.get(key, default), which must be of `kind` when present.
-
-    An explicit `null` is a wrong type, not "use the default": leave the setting out for that.
-    """
-    if key not in config:
-        return default
-    value = config[key]
-    field = f"{prefix}.{key}" if prefix else key
-    if value is None:
-        raise ConfigError(field, f"expected {what}, got null (leave the setting out to use its default)")
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise ConfigError(field, f"expected {what}, got a boolean")
-    if not isinstance(value, kind):
-        raise ConfigError(field, f"expected {what}, got {type(value).__name__} {value!r:.60}")
-    return value
-
-
-def reject_unknown(config: Mapping[str, Any], allowed: set[str], prefix: str = "") -> None:
-    """ConfigError for the first key of `config` not in `allowed` (`prefix` names the enclosing object)."""
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"{prefix}.{unknown[0]}" if prefix else unknown[0],
-            f"unknown setting; expected one of {', '.join(sorted(allowed))}",
-        )

@@ -34,24 +34,16 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
 from worker import __version__, db, secrets
-from worker.connectors.base import (
+from worker.connectors.base import Connector, RunContext, RunResult, SyncError
+from worker.connectors.config import (
     ConfigError,
-    Connector,
-    RunContext,
-    RunResult,
-    SyncError,
+    check_secret,
     expect,
+    identifier,
     reject_unknown,
     require,
 )
-from worker.connectors.load import (
-    Destination,
-    Loader,
-    check_secret,
-    destination_session,
-    identifier,
-    parse_destination,
-)
+from worker.connectors.load import Destination, Loader, destination_session, parse_destination
 from worker.db.queries import Q
 from worker.errors import ErrorType
 

@@ -29,21 +29,22 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import TupleRow
 
 from worker import db, secrets
-from worker.connectors.base import (
+from worker.connectors.base import RunContext, RunResult, SyncError
+from worker.connectors.config import (
     ConfigError,
-    RunContext,
-    RunResult,
-    SyncError,
+    check_secret,
     expect,
+    identifier,
+    key_columns,
     reject_unknown,
     require,
+    table_name,
 )
 
 DEFAULT_BATCH_SIZE = 10_000
 # Keys kept per category (insert / update / delete) for a dry run's report.
 PREVIEW_KEYS = 10
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 # A column type as written in CREATE TABLE: words, digits, (precision, scale), [].
 _TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?[A-Za-z ]*(\[\])*$")
 
@@ -70,46 +71,6 @@ class Destination:
 
     def identifier(self) -> sql.Identifier:
         return sql.Identifier(*self.table)
-
-
-def identifier(value: object, field: str) -> str:
-    if not isinstance(value, str) or not _IDENT.match(value):
-        raise ConfigError(field, f"expected a column name (letters, digits, _), got {value!r:.60}")
-    return value
-
-
-def table_name(value: object, field: str) -> tuple[str, ...]:
-    if not isinstance(value, str):
-        raise ConfigError(field, f'expected a table name like "public.orders", got {value!r:.60}')
-    parts = value.split(".")
-    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
-        raise ConfigError(field, f'expected a table name like "public.orders", got {value!r:.60}')
-    return tuple(parts)
-
-
-def key_columns(value: object, field: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise ConfigError(field, "expected a column name or a non-empty list of column names")
-    names = tuple(identifier(v, f"{field}[{i}]") for i, v in enumerate(value))
-    if len(set(names)) != len(names):
-        raise ConfigError(field, "lists a column twice")
-    return names
-
-
-def check_secret(config: Mapping[str, Any], key: str, field: str, *, required: bool) -> Any:
-    """config[key] as a secret reference (not resolved); None when absent and optional."""
-    value = config.get(key)
-    if value is None:
-        if required:
-            raise ConfigError(field, 'is required (a secret reference like {"env": "NAME"})')
-        return None
-    try:
-        secrets.check_reference(value, field)
-    except secrets.SecretError as exc:
-        raise ConfigError(field, str(exc).removeprefix(f"{field}: ")) from None
-    return value
 
 
 def parse_destination(config: Mapping[str, Any], field: str = "destination") -> Destination:

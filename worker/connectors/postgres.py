@@ -39,27 +39,18 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import TupleRow
 
 from worker import db, secrets
-from worker.connectors.base import (
+from worker.connectors.base import Connector, RealtimeSource, RunContext, RunResult, SyncError
+from worker.connectors.config import (
     ConfigError,
-    Connector,
-    RealtimeSource,
-    RunContext,
-    RunResult,
-    SyncError,
-    expect,
-    reject_unknown,
-    require,
-)
-from worker.connectors.load import (
-    Destination,
-    Loader,
     check_secret,
-    destination_session,
+    expect,
     identifier,
     key_columns,
-    parse_destination,
+    reject_unknown,
+    require,
     table_name,
 )
+from worker.connectors.load import Destination, Loader, destination_session, parse_destination
 from worker.connectors.postgres_tracking import (
     DELETE_TRIGGER,
     HORIZON,

@@ -25,17 +25,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from worker import secrets
-from worker.connectors.base import (
-    ConfigError,
-    Connector,
-    RunContext,
-    RunResult,
-    SyncError,
-    expect,
-    reject_unknown,
-    require,
-)
-from worker.connectors.load import Loader, check_secret, destination_session, identifier, parse_destination
+from worker.connectors.base import Connector, RunContext, RunResult, SyncError
+from worker.connectors.config import ConfigError, check_secret, expect, identifier, reject_unknown, require
+from worker.connectors.load import Loader, destination_session, parse_destination
 from worker.errors import ErrorType
 
 CHUNK = 1000

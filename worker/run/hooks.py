@@ -22,8 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from worker import secrets
-from worker.connectors.base import ConfigError, reject_unknown, require
-from worker.connectors.load import check_secret
+from worker.connectors.config import ConfigError, check_secret, reject_unknown, require
 
 KEY = "after_success"
 TIMEOUT_SECONDS = 60.0

@@ -1,64 +1,52 @@
--- Privileges for workers that connect as their own role, not as the role that runs
--- `syncworker migrate` (which creates, and owns, the schema). Run it as that role (or a
--- superuser), in the control database, after the first migrate and again after every
--- upgrade: it is idempotent.
+-- Give a login role one of the syncworker roles, after `syncworker migrate` has created them
+-- (see README, "Roles and privileges"). Roles and memberships are cluster-wide: once is enough,
+-- for every database and every later upgrade.
 --
---   CREATE ROLE syncworker_worker LOGIN PASSWORD '...';      -- once, by an administrator
---   psql "$OWNER_URL" -v ON_ERROR_STOP=1 -f sql/grants.sql   -- the role syncworker_worker
---   psql "$OWNER_URL" -v ON_ERROR_STOP=1 -v worker_role=etl_worker -f sql/grants.sql
+--   psql "$URL" -v ON_ERROR_STOP=1 -f sql/grants.sql                                   -- syncworker_worker: a worker
+--   psql "$URL" -v ON_ERROR_STOP=1 -v worker_role=etl -f sql/grants.sql                -- etl: a worker
+--   psql "$URL" -v ON_ERROR_STOP=1 -v worker_role=alice -v grant=syncworker_operator -f sql/grants.sql
 --
--- Then give the workers a SYNCWORKER_DATABASE_URL with that role. It needs no superuser and
--- owns nothing: the leader's rescuer may call pg_terminate_backend on sessions of a dead
--- replica, which a role may always do to sessions of its own role. So every replica must
--- connect as the same role (or the worker role needs membership in pg_signal_backend).
+-- `grant` is syncworker_runner (the default: what a worker needs), syncworker_operator (on-call:
+-- read status, runs and errors; run, pause, resume, enable, disable; resolve errors) or
+-- syncworker_admin (job authors: add, change and delete jobs, and what the operator may). Run
+-- it as a role that may grant that role: a superuser, or (PostgreSQL 16 and later) the role with
+-- CREATEROLE that created it; before 16, any role with CREATEROLE. It is the same as
+--   GRANT syncworker_runner TO etl;
+-- after checking that both roles exist.
 --
--- Not covered here, as they depend on your jobs: what `sql` statements and `python`
--- functions do through the run's session, and the destination tables of `http`, `postgres`
--- and `redis` jobs in the control database (INSERT, UPDATE, DELETE and SELECT on each; USAGE
--- and CREATE on its schema when the job has "create_table": true). Jobs with a `dsn` use
--- the role of that DSN.
+-- A worker role needs no superuser. The leader's rescuer may call pg_terminate_backend on the
+-- sessions a dead replica left behind, which a role may always do to sessions of its own role:
+-- so every replica connects as the same login (or that login is granted pg_signal_backend).
+-- What the jobs touch is not covered: give each `sql` job a "run_as" role with what it needs,
+-- and grant the worker's login that role; destination tables of `http`, `postgres` and `redis`
+-- jobs in the control database need INSERT, UPDATE, DELETE and SELECT for the worker's login
+-- (USAGE and CREATE on their schema for "create_table": true).
 
 \if :{?worker_role}
 \else
   \set worker_role syncworker_worker
 \endif
+\if :{?grant}
+\else
+  \set grant syncworker_runner
+\endif
 
-SELECT NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'worker_role') AS worker_role_missing,
-       to_regnamespace('syncworker') IS NULL AS schema_missing \gset
-\if :worker_role_missing
+SELECT NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'worker_role') AS login_missing,
+       :'grant' NOT IN ('syncworker_runner', 'syncworker_operator', 'syncworker_admin') AS grant_unknown,
+       NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'grant') AS grant_missing \gset
+\if :grant_unknown
+  \echo 'grant must be syncworker_runner, syncworker_operator or syncworker_admin, not' :"grant" '; nothing was granted'
+  \quit
+\endif
+\if :login_missing
   \echo 'role' :"worker_role" 'does not exist: create it first (CREATE ROLE' :"worker_role" 'LOGIN PASSWORD ...), then run this file again; nothing was granted'
   \quit
 \endif
-\if :schema_missing
-  \echo 'no syncworker schema in database' :"DBNAME" ': run `syncworker migrate` first; nothing was granted'
+\if :grant_missing
+  \echo 'role' :"grant" 'does not exist: run `syncworker migrate` as a role with CREATEROLE (or the statements it printed) first; nothing was granted'
   \quit
 \endif
-SELECT pg_get_userbyid(nspowner) AS schema_owner FROM pg_namespace WHERE nspname = 'syncworker' \gset
 
-BEGIN;
+GRANT :"grant" TO :"worker_role";
 
--- Connect, and create the temporary staging tables the loader COPYs into.
-GRANT CONNECT, TEMPORARY ON DATABASE :"DBNAME" TO :"worker_role";
-
--- The schema: jobs, runs, errors, workers and the http hosts' limits are read and written;
--- the status view and the functions (trigger_sync, the locks, the rate limiter) are used.
-GRANT USAGE ON SCHEMA syncworker TO :"worker_role";
-GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA syncworker TO :"worker_role";
-GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA syncworker TO :"worker_role";
-GRANT EXECUTE ON ALL ROUTINES IN SCHEMA syncworker TO :"worker_role";
-
--- The same for what later migrations create, when the schema's owner runs them.
-ALTER DEFAULT PRIVILEGES FOR ROLE :"schema_owner" IN SCHEMA syncworker
-  GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO :"worker_role";
-ALTER DEFAULT PRIVILEGES FOR ROLE :"schema_owner" IN SCHEMA syncworker
-  GRANT USAGE, SELECT ON SEQUENCES TO :"worker_role";
-ALTER DEFAULT PRIVILEGES FOR ROLE :"schema_owner" IN SCHEMA syncworker
-  GRANT EXECUTE ON ROUTINES TO :"worker_role";
-
--- The schema's revision: a worker starts only on the revision it was built for. The table
--- is found on the search_path, as alembic created it (normally public.syncworker_alembic_version).
-GRANT SELECT ON syncworker_alembic_version TO :"worker_role";
-
-COMMIT;
-
-\echo 'granted the syncworker worker privileges to' :"worker_role" 'in database' :"DBNAME"
+\echo 'granted' :grant 'to' :"worker_role"

@@ -1,7 +1,8 @@
-"""sql/grants.sql: a worker connecting as its own unprivileged role runs jobs and leads.
+"""A worker connecting as its own login, granted only syncworker_runner (sql/grants.sql),
+runs jobs and leads.
 
-The role is cluster-wide, so it gets a unique name with the test databases' prefix and is
-dropped at the end whatever happens.
+The login is cluster-wide, so it gets a unique name with the test databases' prefix and is
+dropped at the end whatever happens (the group roles are shared and stay).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def worker_role(jobdb: str) -> Iterator[str]:
         execute(ADMIN_URL, f'DROP ROLE "{role}"')
 
 
-def grant(url: str, role: str) -> subprocess.CompletedProcess[str]:
+def grant(url: str, role: str, *variables: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             "psql",
@@ -52,6 +53,7 @@ def grant(url: str, role: str) -> subprocess.CompletedProcess[str]:
             "ON_ERROR_STOP=1",
             "-v",
             f"worker_role={role}",
+            *variables,
             "-f",
             "sql/grants.sql",
         ],
@@ -83,8 +85,9 @@ def test_a_worker_role_with_only_the_granted_privileges_runs_jobs(
 
     result = grant(jobdb, worker_role)
     assert result.returncode == 0, result.stderr
-    assert f'granted the syncworker worker privileges to "{worker_role}"' in result.stdout
-    # What a later migration creates is covered too (default privileges of the schema's owner).
+    assert f'granted syncworker_runner to "{worker_role}"' in result.stdout
+    assert one(jobdb, "SELECT pg_has_role(%s, 'syncworker_runner', 'MEMBER')", [worker_role]) is True
+    # What a later migration creates is covered too (default privileges of the migrating role).
     execute(jobdb, "CREATE TABLE syncworker.added_later (id int)")
     assert one(role_url, "SELECT count(*) FROM syncworker.added_later") == 0
     execute(jobdb, "DROP TABLE syncworker.added_later")
@@ -106,6 +109,17 @@ def test_a_worker_role_with_only_the_granted_privileges_runs_jobs(
     assert "permission denied" not in output and "Traceback" not in output, output
     assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status <> 'success'") == 0
     assert one(jobdb, "SELECT stopped_at IS NOT NULL FROM syncworker.workers WHERE pid = %s", [proc.pid])
+
+
+def test_grants_sql_refuses_what_it_cannot_grant(jobdb: str, worker_role: str) -> None:
+    unknown = grant(jobdb, worker_role, "-v", "grant=pg_read_server_files")
+    assert unknown.returncode == 0 and "nothing was granted" in unknown.stdout
+    missing = grant(jobdb, f"{worker_role}_nobody")
+    assert "does not exist: create it first" in missing.stdout
+    assert one(jobdb, "SELECT pg_has_role(%s, 'pg_read_server_files', 'MEMBER')", [worker_role]) is False
+    operator = grant(jobdb, worker_role, "-v", "grant=syncworker_operator")
+    assert f'granted syncworker_operator to "{worker_role}"' in operator.stdout, operator.stderr
+    assert one(jobdb, "SELECT pg_has_role(%s, 'syncworker_runner', 'MEMBER')", [worker_role]) is False
 
 
 def test_a_role_may_terminate_its_own_sessions(jobdb: str, worker_role: str) -> None:

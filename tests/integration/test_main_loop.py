@@ -24,7 +24,8 @@ def test_the_loop_runs_what_is_due_wakes_on_insert_and_stops_cleanly(jobdb: str)
 
     async def main() -> tuple[int, float]:
         # A poll cap of an hour: whatever runs below ran because the loop was woken.
-        worker = Worker(Settings(database_url=jobdb, concurrency=2, poll_interval=3600, allow_superuser_jobs=True))
+        settings = Settings(database_url=jobdb, concurrency=2, poll_interval=3600, allow_superuser_jobs=True)
+        worker = Worker(settings)
         task = asyncio.create_task(worker.run())
         await eventually(lambda: ticks() == 6)  # six due jobs through two slots
         inserted = time.monotonic()

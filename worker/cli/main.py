@@ -204,7 +204,7 @@ def cmd_migrate(args: argparse.Namespace, target: db.Target) -> int:
     from alembic.util import CommandError
     from sqlalchemy.exc import DBAPIError
 
-    from worker.db.migrate import head_revision, require_head, upgrade
+    from worker.db.migrate import head_revision, require_head, setup_roles, upgrade
 
     if args.check:
         with connect(target, schema=False) as conn:
@@ -224,7 +224,26 @@ def cmd_migrate(args: argparse.Namespace, target: db.Target) -> int:
     except CommandError as exc:  # e.g. the database is at a revision this version does not know
         raise CliError(f"cannot migrate {target.describe()}: {exc}", names_database=True) from None
     print(f"schema syncworker is at revision {head_revision()} in {target.describe()}")
+    _report_roles(setup_roles(target.url), target)
     return 0
+
+
+def _report_roles(todo: list[str], target: db.Target) -> None:
+    """The roles' SQL this role could not run (it may not create roles, or grant on the
+    database): for someone who may."""
+    if not todo:
+        print(
+            "roles syncworker_runner, syncworker_operator and syncworker_admin are granted in "
+            f"{target.describe()}"
+        )
+        return
+    print(
+        "syncworker: warning: this role could not set up the syncworker roles (creating them needs "
+        "CREATEROLE; the database's privileges, its owner); ask someone who may to run:",
+        file=sys.stderr,
+    )
+    for statement in todo:
+        print(f"  {statement}", file=sys.stderr)
 
 
 def _confirm_migrate(target: db.Target) -> None:

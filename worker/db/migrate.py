@@ -126,6 +126,19 @@ def upgrade(url: str, revision: str = "head", *, where: str | None = None) -> No
     command.upgrade(_config(url), revision)
 
 
+def setup_roles(url: str) -> list[str]:
+    """Create the syncworker roles that are missing (when this role may) and grant them in this
+    database; the statements someone else must run (CREATE ROLE needs CREATEROLE), or [] when
+    all is done.
+
+    Migration 0008 does the same; `syncworker migrate` calls this after every upgrade, so that
+    roles created by someone else since then get their grants.
+    """
+    with psycopg.connect(url, autocommit=True, **db.connect_kwargs("syncworker migrate")) as conn:
+        row = conn.execute("SELECT syncworker.setup_roles()").fetchone()
+    return list(row[0]) if row is not None and row[0] else []
+
+
 def downgrade(url: str, revision: str) -> None:
     from alembic import command
 
@@ -199,8 +212,8 @@ def evaluate(has_tables: bool, recorded: Sequence[str]) -> SchemaStatus:
 def _unreadable(exc: psycopg.Error, where: str) -> SchemaMismatch:
     problem = (exc.diag.message_primary or str(exc)).strip()
     return SchemaMismatch(
-        f"cannot check the syncworker schema in {where} ({problem}): grant this role the worker "
-        "privileges (sql/grants.sql)"
+        f"cannot check the syncworker schema in {where} ({problem}): grant this login the worker's "
+        "role, GRANT syncworker_runner TO <login> (sql/grants.sql)"
     )
 
 

@@ -7,16 +7,9 @@ import itertools
 
 import httpx
 
-from worker.connectors.http import (
-    MAX_RETRY_AFTER,
-    Retryable,
-    _link_next,
-    cursor_key,
-    dig,
-    retry_after_seconds,
-    retry_waits,
-    with_lookback,
-)
+from worker.connectors.http import cursor_key, dig, retry_after_seconds, retry_waits, with_lookback
+from worker.connectors.http.fetch import MAX_RETRY_AFTER, Retryable
+from worker.connectors.http.pagination import link_next
 
 
 def test_dig_follows_dotted_paths_through_objects_and_lists() -> None:
@@ -71,6 +64,6 @@ def test_link_header_next_is_found_among_other_relations() -> None:
     headers = httpx.Headers(
         {"Link": '<https://a.test/x?page=1>; rel="first", <https://a.test/x?page=3>; rel="next last"'}
     )
-    assert _link_next(headers) == "https://a.test/x?page=3"
-    assert _link_next(httpx.Headers({"Link": '<https://a.test/x?page=1>; rel="prev"'})) is None
-    assert _link_next(httpx.Headers()) is None
+    assert link_next(headers) == "https://a.test/x?page=3"
+    assert link_next(httpx.Headers({"Link": '<https://a.test/x?page=1>; rel="prev"'})) is None
+    assert link_next(httpx.Headers()) is None

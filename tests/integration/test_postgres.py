@@ -12,7 +12,7 @@ import pytest
 from helpers import add_job, create_database, drop_database, execute, one, rows
 from worker.connectors import get
 from worker.connectors.base import ConfigError
-from worker.connectors.postgres import unescape_copy_field
+from worker.connectors.postgres.stream import unescape_copy_field
 from worker.run.once import run_once
 
 ORDERS = """

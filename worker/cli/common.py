@@ -88,7 +88,7 @@ def integration_row(conn: psycopg.Connection[dict[str, Any]], name: str) -> dict
 
 
 def postgres_job(target: db.Target, name: str) -> Any:
-    from worker.mirror_tools import postgres_config
+    from worker.connectors.postgres.tools import postgres_config
 
     with connect(target) as conn:
         job = integration_row(conn, name)

@@ -504,7 +504,7 @@ def cmd_run_once(args: argparse.Namespace, target: db.Target) -> int:
 
 
 def cmd_install_trigger(args: argparse.Namespace, target: db.Target) -> int:
-    from worker.mirror_tools import ToolError, install_trigger
+    from worker.connectors.postgres.tools import ToolError, install_trigger
 
     try:
         done = install_trigger(postgres_job(target, args.name))
@@ -516,7 +516,7 @@ def cmd_install_trigger(args: argparse.Namespace, target: db.Target) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, target: db.Target) -> int:
-    from worker.mirror_tools import ToolError, describe, verify
+    from worker.connectors.postgres.tools import ToolError, describe, verify
 
     try:
         cfg = postgres_job(target, args.name)

@@ -282,7 +282,7 @@ def _check_json(args: argparse.Namespace, target: db.Target) -> int:
 
 def _verify_json(args: argparse.Namespace, target: db.Target) -> int:
     """`verify --json`: both sides' row counts and checksums and the keys that differ."""
-    from worker.mirror_tools import ToolError, verify
+    from worker.connectors.postgres.tools import ToolError, verify
 
     try:
         cfg = shared.postgres_job(target, args.name)

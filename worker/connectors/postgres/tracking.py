@@ -29,6 +29,10 @@ from __future__ import annotations
 
 from psycopg import sql
 
+# How a run finds what changed: by `xmin` (a table on a primary), by `updated_at` after a
+# watermark (a query, a view, a standby), or not at all (every row, every run).
+BY_XMIN, BY_UPDATED_AT, EVERYTHING = "xmin", "updated_at", "everything"
+
 # A saved cursor this many transactions behind the current one is too old for 32-bit xmin
 # comparisons (they wrap at 2^31): the table is read in full once instead.
 MAX_CURSOR_AGE = (1 << 31) - (1 << 27)

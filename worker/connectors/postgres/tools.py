@@ -16,8 +16,8 @@ from psycopg import sql
 
 from worker import db, secrets
 from worker.connectors import get
-from worker.connectors.postgres import CHANNEL, PostgresConfig, qualified_name
-from worker.connectors.postgres_tracking import DELETE_TRIGGER, TOMBSTONES, tombstone_statements
+from worker.connectors.postgres.config import CHANNEL, PostgresConfig, qualified_name
+from worker.connectors.postgres.tracking import DELETE_TRIGGER, TOMBSTONES, tombstone_statements
 from worker.run import hooks
 
 # Keys compared one by one only within this many mismatching hash buckets.

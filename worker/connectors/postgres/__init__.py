@@ -1,0 +1,79 @@
+"""`postgres`: mirror a table (or query) of another database into a destination table.
+
+The first run copies everything, streamed in key order as raw `COPY` data, one batch
+per statement, all in one snapshot of the source; each batch is checkpointed with the
+last key it holds, so a crash resumes where the copy stopped.  Later runs are
+incremental.  How they find the changed rows depends on the source:
+
+* a table on a primary (the usual case): the rows written by transactions the previous
+  run's snapshot could not see, found by their `xmin` (see `tracking`).  No
+  clock is trusted: a transaction that commits late, or stamps `updated_at` from a skewed
+  clock, is read all the same, and rows written long ago are never read again;
+* a query, a view, a foreign table or a standby: every row whose `updated_at` is after the
+  saved watermark; the rows within the lookback window before it are compared with the
+  destination's per key bucket, and the buckets that differ are read again (rows sharing
+  the watermark value are never skipped; rows whose commit was late within the lookback
+  are caught);
+* neither: every row, every run.
+
+Deletes: `none`; `soft` (the source marks a deleted row by setting a column; that row is
+removed from the destination); `hard`: the keys recorded by the source's delete trigger
+since the previous run (`syncworker install-trigger`), and periodically, a comparison of
+key buckets (row count and a sum of key hashes per bucket) that re-reads only the keys of
+the buckets that differ.
+
+The parts: `config` (the job's settings, checked), `mirror` (one run: the copy and the
+incremental read), `deletes`, `tracking` (finding changes without trusting clocks),
+`stream` (the source's COPY data) and `tools` (`install-trigger`, `verify`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+
+from worker import db, secrets
+from worker.connectors.base import Connector, RealtimeSource, RunContext, RunResult
+from worker.connectors.load import destination_session
+from worker.connectors.postgres.config import CHANNEL, PostgresConfig, Source, parse_config, qualified_name
+from worker.connectors.postgres.mirror import Mirror
+from worker.connectors.postgres.stream import unescape_copy_field
+
+
+class PostgresConnector(Connector):
+    kind = "postgres"
+
+    def validate(self, config: Mapping[str, Any]) -> PostgresConfig:
+        return parse_config(config)
+
+    def realtime_source(self, config: Any) -> RealtimeSource | None:
+        cfg: PostgresConfig = config
+        if not cfg.realtime or cfg.source.table is None:
+            return None
+        return RealtimeSource(cfg.source.dsn, CHANNEL, qualified_name(cfg.source.table))
+
+    async def run(self, ctx: RunContext) -> RunResult:
+        cfg: PostgresConfig = ctx.config
+        source_dsn = secrets.resolve(cfg.source.dsn, "source.dsn")
+        async with await psycopg.AsyncConnection.connect(
+            source_dsn, **db.connect_kwargs("syncworker source")
+        ) as src:
+            await src.execute("SET TimeZone = 'UTC'")
+            await src.commit()
+            # Reads see one snapshot each (the incremental's max(updated_at) and its rows).
+            await src.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+            await src.set_read_only(True)
+            async with destination_session(ctx, cfg.destination) as dest:
+                return await Mirror(ctx, cfg, src, dest, external=cfg.destination.dsn is not None).run()
+
+
+__all__ = [
+    "CHANNEL",
+    "PostgresConfig",
+    "PostgresConnector",
+    "Source",
+    "qualified_name",
+    "unescape_copy_field",
+]

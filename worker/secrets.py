@@ -9,14 +9,19 @@ backslash-escaped, and inside the base64 of a basic-auth `user:password` pair.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
+import shlex
+import stat
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from worker.db import redact_dsn
+
+log = logging.getLogger("syncworker.secrets")
 
 MASK = "***"
 # Resolved values shorter than this are too likely to appear by accident in
@@ -62,12 +67,51 @@ def resolve(value: object, field: str) -> str:
             raise SecretError(f"{field}: environment variable {target} is not set")
         secret = os.environ[target]
     else:
-        try:
-            secret = Path(target).read_text().strip()
-        except OSError as exc:
-            raise SecretError(f"{field}: cannot read secret file {target}: {exc.strerror}") from None
+        secret = SECRET_FILES.read(target, field)
     remember(secret)
     return secret
+
+
+class SecretFiles:
+    """Reads `{"file": ...}` secrets, and warns once per file per process about a file that
+    others than its owner and group may read (as ssh refuses such a key); it still works.
+
+    The process has one, `SECRET_FILES`.  Errors name the file and why, never what it holds.
+    """
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def read(self, target: str, field: str) -> str:
+        path = Path(target)
+        try:
+            with path.open("rb") as file:
+                self._check_mode(target, os.fstat(file.fileno()).st_mode)
+                data = file.read()
+        except OSError as exc:
+            raise SecretError(f"{field}: cannot read secret file {target}: {exc.strerror}") from None
+        try:
+            return data.decode().strip()
+        except UnicodeDecodeError:
+            raise SecretError(f"{field}: cannot read secret file {target}: it is not UTF-8 text") from None
+
+    def _check_mode(self, target: str, mode: int) -> None:
+        if not mode & stat.S_IROTH:
+            return
+        with self._lock:
+            if target in self._warned:
+                return
+            self._warned.add(target)
+        log.warning(
+            "secret file %s is readable by every user of this host (mode %s): chmod o-r %s",
+            target,
+            stat.filemode(mode),
+            shlex.quote(target),
+        )
+
+
+SECRET_FILES = SecretFiles()
 
 
 class Redactor:

@@ -208,7 +208,7 @@ def test_a_second_signal_exits_at_once(jobdb: str, tmp_path: Path) -> None:
     try:
         wait_for(lambda: starts(jobdb, "stuck"), timeout=15, what="the run to start")
         proc.proc.send_signal(15)
-        time.sleep(0.3)
+        wait_for(lambda: "SIGTERM received" in proc.output(), what="the first signal to be taken")
         proc.proc.send_signal(15)
         assert proc.proc.wait(5) != 0
     finally:
@@ -228,7 +228,11 @@ def test_trigger_during_a_run_gives_exactly_one_follow_up(jobdb: str, tmp_path: 
             timeout=15,
             what="two runs",
         )
-        time.sleep(2)  # long enough for a wrong third run to have started
+        # Nothing is left to start a third run: no trigger kept, no due time, no run going.
+        settled = rows(
+            jobdb, "SELECT pending_trigger, next_sync_at, running_run_id FROM syncworker.integrations"
+        )
+        assert settled == [{"pending_trigger": None, "next_sync_at": None, "running_run_id": None}]
     assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs") == 2
     assert [r["trigger"] for r in rows(jobdb, "SELECT trigger FROM syncworker.sync_runs ORDER BY id")] == [
         "manual",
@@ -238,8 +242,7 @@ def test_trigger_during_a_run_gives_exactly_one_follow_up(jobdb: str, tmp_path: 
 
 def test_insert_wakes_workers_at_once_and_due_times_are_kept(jobdb: str, tmp_path: Path) -> None:
     with workers(jobdb, tmp_path, 1, "--poll-interval", "600"):
-        wait_for(lambda: one(jobdb, "SELECT count(*) FROM syncworker.workers"), what="the worker")
-        time.sleep(0.5)
+        wait_for(lambda: listening(jobdb), what="the worker to listen for wake-ups")
         add_job(jobdb, "now", "sql", {"statement": "select 1"})
         wait_for(
             lambda: one(jobdb, "SELECT count(*) FROM syncworker.sync_runs"),
@@ -269,6 +272,17 @@ def test_insert_wakes_workers_at_once_and_due_times_are_kept(jobdb: str, tmp_pat
         assert 2.0 <= float(lag) < 3.0
 
 
+def listening(url: str) -> bool:
+    """Has a worker's listener session issued its LISTEN (a wake-up now reaches it)?"""
+    return bool(
+        one(
+            url,
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN %%'",
+        )
+    )
+
+
 def transactions(url: str) -> int:
     return int(
         one(
@@ -288,9 +302,13 @@ def test_a_due_job_someone_holds_locked_is_not_polled_hard_and_runs_once_release
         holder.execute("SELECT 1 FROM syncworker.integrations WHERE name = 'held' FOR UPDATE")
         proc = WorkerProcess(jobdb, tmp_path / "w.log")
         try:
-            wait_for(lambda: one(jobdb, "SELECT count(*) FROM syncworker.workers"), what="the worker")
+            wait_for(lambda: listening(jobdb), what="the worker to be up")
+            # Start-up's own transactions are reported to pg_stat_database up to a second late:
+            # the baseline is taken after that.
             time.sleep(1)
             before = transactions(jobdb)
+            # The window in which a worker that looks again every 10 ms would show: it must
+            # be long enough for the backed-off looks to count for less than the hard ones.
             time.sleep(4)
             holder.rollback()
             wait_for(

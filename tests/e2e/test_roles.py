@@ -9,6 +9,7 @@ syncworker_admin are shared by every database on the server and never dropped.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import uuid
@@ -145,6 +146,9 @@ def test_an_operator_reads_status_and_runs_jobs_but_cannot_change_them_or_read_t
     status = cli(oncall, "status")
     assert status.returncode == 0 and "secretive" in status.stdout, status.stderr
     assert cli(oncall, "trigger", "secretive").returncode == 0
+    for command in (["history", "secretive"], ["errors", "secretive"], ["history", "secretive", "--json"]):
+        shown = cli(oncall, *command)
+        assert shown.returncode == 0 and "permission denied" not in shown.stderr, shown.stderr
 
 
 def test_an_admin_adds_and_changes_jobs_but_cannot_act_as_the_runner(jobdb: str, roles: Roles) -> None:
@@ -391,6 +395,8 @@ def test_a_superuser_worker_refuses_sql_jobs_without_run_as_and_the_flag_allows_
 
     check = cli(jobdb, "check", SYNCWORKER_ALLOW_SUPERUSER_JOBS="0")
     assert check.returncode == 0 and "warning: plain:" in check.stderr and "superuser" in check.stderr
+    checked = json.loads(cli(jobdb, "check", "--json", SYNCWORKER_ALLOW_SUPERUSER_JOBS="0").stdout)
+    assert [job["name"] for job in checked["unchecked"]] == ["plain"]
     assert (
         "warning"
         not in cli(jobdb, "check", "--allow-superuser-jobs", SYNCWORKER_ALLOW_SUPERUSER_JOBS="0").stderr

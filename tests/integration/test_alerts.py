@@ -17,7 +17,7 @@ from aiosmtpd.controller import Controller
 from psycopg_pool import AsyncConnectionPool
 
 from helpers import add_job, execute, one, rows, wait_for, worker_env, workers
-from worker.ops.alerts import AlertConfig, AlertConfigError, AlertLoop
+from worker.ops.alerts import AlertConfig, AlertConfigError, AlertLoop, LeaderWatch
 from worker.ops.metrics import Metrics
 
 
@@ -371,3 +371,74 @@ def test_the_leader_of_a_running_worker_delivers(jobdb: str, tmp_path: Path) -> 
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert len(errors) == 1 and "SYNCWORKER_ALERT_EMAIL_TO: not an e-mail address" in errors[0]
     assert json.dumps(received)  # the bodies are plain JSON
+
+
+def test_a_fleet_without_a_leader_is_told_by_one_replica_and_the_next_leader_sends_the_recovery(
+    db: str,
+) -> None:
+    """No worker leads: after no_leader seconds the first watching replica opens the incident
+    and delivers it; a second replica sends nothing; a leader's scan closes it and recovers."""
+
+    async def scenario() -> None:
+        async with Receiver().serving() as receiver:
+            config = AlertConfig(webhook=receiver.url("webhook"), no_leader=0.3)
+            async with loop_for(db, config) as one_replica, loop_for(db, config) as another:
+                first, second = LeaderWatch(one_replica), LeaderWatch(another)
+                await first.run_once()
+                await second.run_once()
+                assert receiver.bodies["webhook"] == []  # not yet: 0.3 s without a leader first
+                await asyncio.sleep(0.35)
+                await first.run_once()
+                await second.run_once()
+                await first.run_once()
+                sent = receiver.bodies["webhook"]
+                assert [(b["event"], b["kind"], b["integration"]) for b in sent] == [
+                    ("open", "no_leader", None)
+                ]
+                assert sent[0]["summary"].startswith("no replica has led the fleet for")
+                assert incidents(db) == [
+                    {"kind": "no_leader", "closed": False, "sent": True, "recovered": False}
+                ]
+
+                await one_replica.run_once()  # this replica now leads: its scan closes the incident
+                latest = receiver.bodies["webhook"][1:]
+                assert [(b["event"], b["kind"]) for b in latest] == [("recovered", "no_leader")]
+                assert latest[0]["text"].startswith("RECOVERED: a replica leads again")
+                assert incidents(db) == [
+                    {"kind": "no_leader", "closed": True, "sent": True, "recovered": True}
+                ]
+
+    run(scenario)
+
+
+def test_a_running_replica_raises_no_leader_while_another_session_holds_the_leadership(
+    jobdb: str, tmp_path: Path
+) -> None:
+    import psycopg
+
+    received: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        async with Receiver().serving() as receiver:
+            env = worker_env(
+                jobdb,
+                SYNCWORKER_ALERT_WEBHOOK=receiver.url("webhook"),
+                SYNCWORKER_ALERT_INTERVAL="1",
+                SYNCWORKER_ALERT_NO_LEADER="2",
+            )
+            with psycopg.connect(jobdb, autocommit=True) as holder:
+                holder.execute("SELECT pg_advisory_lock(syncworker.lock_key('leader'), 0)")
+                with workers(jobdb, tmp_path, 1, env=env):
+                    for _ in range(300):
+                        if receiver.bodies["webhook"]:
+                            break
+                        await asyncio.sleep(0.1)
+                    holder.execute("SELECT pg_advisory_unlock(syncworker.lock_key('leader'), 0)")
+                    for _ in range(300):  # the worker leads now, and its scan sends the recovery
+                        if len(receiver.bodies["webhook"]) > 1:
+                            break
+                        await asyncio.sleep(0.1)
+            received.extend(receiver.bodies["webhook"])
+
+    run(scenario)
+    assert [(b["event"], b["kind"]) for b in received] == [("open", "no_leader"), ("recovered", "no_leader")]

@@ -4,6 +4,7 @@ shapes of their reports (tables, ages, durations, JSON values)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -85,6 +86,39 @@ def integration_row(conn: psycopg.Connection[dict[str, Any]], name: str) -> dict
     if problem:
         raise CliError(f"{name}: {problem}")
     return row
+
+
+def integration_id(conn: psycopg.Connection[dict[str, Any]], name: str) -> int:
+    """A job's id by name, reading no more than an operator may (not its config or state)."""
+    row = conn.execute(Q["integration_id_by_name"], {"name": name}).fetchone()
+    if row is None:
+        raise CliError(f'no integration named "{name}"')
+    return int(row["id"])
+
+
+def job_problems(
+    conn: psycopg.Connection[dict[str, Any]], rows: list[dict[str, Any]], allow_superuser: bool
+) -> list[tuple[str, Any]]:
+    """(name, rowcheck.Problem) of each job `check` reports: a row that cannot run, or a `sql`
+    job that a worker connecting as this session does would refuse (a superuser's session
+    without run_as, a run_as role this login is not a member of: a warning, since the worker
+    may connect as another login)."""
+    from worker.connectors import sql
+    from worker.run.rowcheck import Problem, problems
+
+    def refused(row: dict[str, Any]) -> Problem | None:
+        found = sql.on_control_session(row["kind"], json.loads(row["config"]))
+        if found is None:
+            return None
+        (run_as,) = found
+        reason = sql.refusal(run_as, sql.check_session_sync(conn, run_as), allow_superuser=allow_superuser)
+        return None if reason is None else Problem(f"run_as: {reason}", local=True)
+
+    return [
+        (row["name"], problem)
+        for row in rows
+        if (problem := problems(row, resolve_secrets=True) or refused(row))
+    ]
 
 
 def postgres_job(target: db.Target, name: str) -> Any:

@@ -21,7 +21,8 @@ from worker.cli.common import (
     format_duration,
     format_ms,
     health_rank,
-    integration_row,
+    integration_id,
+    job_problems,
     json_default,
     positive_int,
     postgres_job,
@@ -349,8 +350,9 @@ def cmd_trigger(args: argparse.Namespace, target: db.Target) -> int:
 
 def cmd_history(args: argparse.Namespace, target: db.Target) -> int:
     with connect(target) as conn:
-        job = integration_row(conn, args.name)
-        rows = conn.execute(Q["history"], {"integration_id": job["id"], "limit": args.limit}).fetchall()
+        rows = conn.execute(
+            Q["history"], {"integration_id": integration_id(conn, args.name), "limit": args.limit}
+        ).fetchall()
     say_database(target)
     if not rows:
         print(f"{args.name} has not run yet")
@@ -391,7 +393,7 @@ def cmd_history(args: argparse.Namespace, target: db.Target) -> int:
 def cmd_errors(args: argparse.Namespace, target: db.Target) -> int:
     with connect(target) as conn:
         if args.name is not None:
-            integration_row(conn, args.name)
+            integration_id(conn, args.name)
         rows = conn.execute(Q["unresolved_errors"], {"name": args.name, "limit": args.limit}).fetchall()
     say_database(target)
     if not rows:
@@ -419,16 +421,9 @@ def cmd_errors(args: argparse.Namespace, target: db.Target) -> int:
 
 
 def cmd_check(args: argparse.Namespace, target: db.Target) -> int:
-    from worker.run.rowcheck import problems
-
     with connect(target) as conn:
         rows = conn.execute(Q["all_integrations"]).fetchall()
-        allow = allow_superuser_jobs(args.allow_superuser_jobs)
-        found = [
-            (row["name"], problem)
-            for row in rows
-            if (problem := problems(row, resolve_secrets=True) or _session_problem(conn, row, allow))
-        ]
+        found = job_problems(conn, rows, allow_superuser_jobs(args.allow_superuser_jobs))
     say_database(target)
     invalid = [(name, p) for name, p in found if not p.local]
     for name, problem in invalid:
@@ -447,21 +442,6 @@ def cmd_check(args: argparse.Namespace, target: db.Target) -> int:
     aside = f" ({unchecked} could not be checked from this shell)" if unchecked else ""
     print(f"all {len(rows) - unchecked} integrations are valid{aside}")
     return 0
-
-
-def _session_problem(conn: psycopg.Connection[Any], row: dict[str, Any], allow: bool) -> Any:
-    """A `sql` job a worker connecting like this shell would refuse (a superuser's session
-    without run_as, a run_as role this login is not a member of): a warning, as the worker
-    may connect as another role."""
-    from worker.connectors import sql
-    from worker.run.rowcheck import Problem
-
-    found = sql.on_control_session(row["kind"], json.loads(row["config"]))
-    if found is None:
-        return None
-    (run_as,) = found
-    reason = sql.refusal(run_as, sql.check_session_sync(conn, run_as), allow_superuser=allow)
-    return None if reason is None else Problem(f"run_as: {reason}", local=True)
 
 
 def cmd_run_once(args: argparse.Namespace, target: db.Target) -> int:

@@ -222,14 +222,14 @@ def _json_or(table: Handler, reader: Callable[[argparse.Namespace, db.Target], A
 
 def _history_json(args: argparse.Namespace, target: db.Target) -> list[dict[str, Any]]:
     with shared.connect(target) as conn:
-        job = shared.integration_row(conn, args.name)
-        return conn.execute(Q["history"], {"integration_id": job["id"], "limit": args.limit}).fetchall()
+        job_id = shared.integration_id(conn, args.name)
+        return conn.execute(Q["history"], {"integration_id": job_id, "limit": args.limit}).fetchall()
 
 
 def _errors_json(args: argparse.Namespace, target: db.Target) -> list[dict[str, Any]]:
     with shared.connect(target) as conn:
         if args.name is not None:
-            shared.integration_row(conn, args.name)
+            shared.integration_id(conn, args.name)
         return conn.execute(Q["unresolved_errors"], {"name": args.name, "limit": args.limit}).fetchall()
 
 
@@ -268,12 +268,12 @@ def _json_report_or(lines: Handler, reporter: Handler) -> Handler:
 
 def _check_json(args: argparse.Namespace, target: db.Target) -> int:
     """`check --json`: {"valid": N, "invalid": [...], "unchecked": [...]}; exit 1 if any is invalid."""
-    from worker.run.rowcheck import problems
+    from worker.daemon.settings import allow_superuser_jobs
 
     with shared.connect(target) as conn:
         rows = conn.execute(Q["all_integrations"]).fetchall()
+        found = shared.job_problems(conn, rows, allow_superuser_jobs(args.allow_superuser_jobs))
     shared.say_database(target)
-    found = [(row["name"], problem) for row in rows if (problem := problems(row, resolve_secrets=True))]
     invalid = [{"name": name, "problem": p.message} for name, p in found if not p.local]
     unchecked = [{"name": name, "problem": p.message} for name, p in found if p.local]
     _print_json({"valid": len(rows) - len(found), "invalid": invalid, "unchecked": unchecked})

@@ -33,7 +33,7 @@ from worker.services.realtime import Realtime
 from worker.services.rescuer import RescueLoop, Rescuer
 
 if TYPE_CHECKING:
-    from worker.ops.alerts import AlertLoop
+    from worker.ops.alerts import AlertLoop, LeaderWatch
 
 log = logging.getLogger("syncworker.worker")
 
@@ -294,6 +294,8 @@ class Worker:
         self._service(self.heartbeat.run, "heartbeat")
         self._service(self.leadership.run, "leadership")
         self._service(self.rescue.run, "rescuer")
+        if self.alerting is not None:
+            self._service(self._leader_watch().run, "leader watch")
         interval = watchdog_interval()
         if interval:
             self._service(lambda: self._watchdog(interval), "watchdog")
@@ -305,6 +307,14 @@ class Worker:
             db.describe_target(self.url),
         )
         self.notifier.ready(f"worker {self.listener.worker_id} running")
+
+    def _leader_watch(self) -> LeaderWatch:
+        """Every replica watches for a fleet without a leader: the leader, which delivers the
+        other alerts, cannot raise that one."""
+        from worker.ops.alerts import AlertLoop, LeaderWatch
+
+        assert self.alerting is not None
+        return LeaderWatch(AlertLoop(self.pool, self.alerting.config, self.metrics))
 
     async def _start_http(self) -> None:
         """--http: listen before anything else, so that a bad address or a port in use stops the

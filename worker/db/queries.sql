@@ -518,3 +518,7 @@ SELECT current_user AS login, current_setting('is_superuser') = 'on' AS login_su
        coalesce(r.rolsuper, false) AS role_superuser
   FROM (SELECT %(role)s::text AS name) wanted
   LEFT JOIN pg_catalog.pg_roles r ON r.rolname = wanted.name;
+
+-- name: integration_id_by_name
+-- A job's id by name, for the commands an operator may run (no config, no state).
+SELECT id FROM syncworker.integrations WHERE name = %(name)s;

@@ -67,6 +67,7 @@ class AlertConfig:
     failures: int = 2
     rate: int = 30
     interval: float = 15.0
+    no_leader: float = 60.0  # seconds without a leader before any replica raises no_leader
 
     @property
     def channels(self) -> list[str]:
@@ -101,6 +102,7 @@ class AlertConfig:
             failures=_positive("SYNCWORKER_ALERT_FAILURES", get("FAILURES"), 2),
             rate=_positive("SYNCWORKER_ALERT_RATE", get("RATE"), 30),
             interval=float(_positive("SYNCWORKER_ALERT_INTERVAL", get("INTERVAL"), 15)),
+            no_leader=float(_positive("SYNCWORKER_ALERT_NO_LEADER", get("NO_LEADER"), 60)),
         )
 
 
@@ -160,8 +162,8 @@ class Message:
     alert_id: int
     event: str  # open | recovered
     kind: str
-    integration: str
-    integration_id: int
+    integration: str | None  # None: an incident of the whole fleet (no_leader)
+    integration_id: int | None
     run_id: int | None
     summary: str
     opened_at: datetime
@@ -169,6 +171,10 @@ class Message:
 
     @property
     def subject(self) -> str:
+        if self.integration is None:
+            return "[syncworker] " + (
+                "a replica leads again" if self.event == "recovered" else "no replica leads"
+            )
         if self.event == "recovered":
             return f"[syncworker] recovered: {self.integration} is no longer {self.kind}"
         if self.kind == "rescued":
@@ -179,6 +185,8 @@ class Message:
     def text(self) -> str:
         if self.event == "recovered":
             lasted = _duration(((self.closed_at or self.opened_at) - self.opened_at).total_seconds())
+            if self.integration is None:
+                return f"RECOVERED: a replica leads again ({lasted} without a leader)"
             return (
                 f"RECOVERED: {self.integration} is no longer {self.kind} "
                 f"(since {self.opened_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC, {lasted})"
@@ -353,12 +361,12 @@ class AlertLoop:
             if event == "skip":  # over before anyone was told: nothing to say
                 await self._mark(row["id"], opened=True, recovered=True, attempts=0, error=None)
                 continue
-            delivered += await self._deliver(row, event)
+            delivered += await self.deliver(row, event)
         for key in set(self.pending) - seen:
             del self.pending[key]
         return delivered
 
-    async def _deliver(self, row: dict[str, Any], event: str) -> int:
+    async def deliver(self, row: dict[str, Any], event: str) -> int:
         """Send one incident's event on every channel that has not had it; how many sent."""
         key = (int(row["id"]), event)
         state = self.pending.setdefault(key, _Pending())
@@ -446,6 +454,58 @@ class AlertLoop:
 math_inf = float("inf")
 
 
+def leaderless_for(since: float | None, now: float, led: bool) -> float | None:
+    """When the fleet has been without a leader since (None: it has one now)."""
+    if led:
+        return None
+    return now if since is None else since
+
+
+class LeaderWatch:
+    """Every replica's watch for a fleet without a leader.  The leader delivers alerts, so
+    this one alert cannot wait for it: after `no_leader` seconds with no live replica saying
+    it leads, each replica tries to open the fleet's `no_leader` incident, and the one whose
+    insert opened it delivers it (retrying while the fleet stays without a leader).  The next
+    leader's scan closes the incident and sends the recovery."""
+
+    def __init__(self, loop: AlertLoop) -> None:
+        self.loop = loop
+        self.since: float | None = None
+        self.opened: dict[str, Any] | None = None  # the incident this replica must deliver
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except psycopg.OperationalError as exc:
+                log.warning("could not look for a leader: %s", exc)
+            await asyncio.sleep(min(self.loop.config.interval, self.loop.config.no_leader / 2))
+
+    async def run_once(self) -> None:
+        async with self.loop.pool.connection() as conn:
+            led = bool((await (await conn.execute(Q["leader_seen"])).fetchone() or (True,))[0])
+        self.since = leaderless_for(self.since, time.monotonic(), led)
+        if self.since is None:
+            self.opened = None
+            return
+        waited = time.monotonic() - self.since
+        if waited < self.loop.config.no_leader:
+            return
+        if self.opened is None:
+            summary = (
+                f"no replica has led the fleet for {waited:.0f} s: job alerts, pruning and "
+                "real-time sources wait for a leader"
+            )
+            async with self.loop.pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                opened = await (await cur.execute(Q["open_no_leader"], {"summary": summary})).fetchone()
+            self.opened = opened or {}  # {}: another replica opened it, or it is open already
+        if self.opened:
+            await self.loop.deliver(self.opened, "open")
+            if (int(self.opened["id"]), "open") not in self.loop.pending:
+                self.opened = {}  # delivered (or given up): nothing more to do
+
+
 def _message(row: dict[str, Any], event: str) -> Message:
     """The message of one incident's event, from its `syncworker.alerts` row."""
     return Message(
@@ -453,7 +513,7 @@ def _message(row: dict[str, Any], event: str) -> Message:
         event=event,
         kind=row["kind"],
         integration=row["integration"],
-        integration_id=int(row["integration_id"]),
+        integration_id=row["integration_id"],
         run_id=row["run_id"],
         summary=row["summary"],
         opened_at=row["opened_at"],

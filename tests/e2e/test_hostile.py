@@ -103,7 +103,10 @@ def test_invalid_rows_are_disabled_with_a_reason_after_one_failed_run(jobdb: str
     with workers(jobdb, tmp_path, 1) as procs:
         for name in INVALID:
             wait_for(lambda n=name: not job(jobdb, n)["enabled"], timeout=15, what=f"{name} disabled")
-        time.sleep(2)  # time enough for a loop to show
+        # Two more runs of the control job: the main loop has gone round since, and a disabled
+        # row that loops would have run again in between.
+        ticks = one(jobdb, "SELECT count(*) FROM public.ticks")
+        wait_for(lambda: one(jobdb, "SELECT count(*) FROM public.ticks") >= ticks + 2, what="two more ticks")
         assert_alive(procs)
         output = procs[0].output()
     for name, (_, _, field) in INVALID.items():
@@ -155,16 +158,32 @@ def test_a_row_written_before_the_checks_existed_is_disabled_not_looped(jobdb: s
             timeout=15,
             what="every row disabled",
         )
-        time.sleep(1.5)
+        # A job added now runs twice once the worker has gone round its loop twice more: a
+        # disabled row that loops would have run again in between.
+        add_job(jobdb, "probe", "sql", {"statement": "SELECT 1"}, interval_seconds=1)
+        wait_for(lambda: len(runs_of(jobdb, "probe")) >= 2, timeout=15, what="two runs of a new job")
         assert_alive(procs)
         output = procs[0].output()
     assert "never fires" in job(jobdb, "feb31")["disabled_reason"]
-    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status <> 'failed'") == 0
-    assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs") == 4
+    others = "FROM syncworker.sync_runs r JOIN syncworker.integrations i ON i.id = r.integration_id "
+    others += "WHERE i.name <> 'probe'"
+    assert one(jobdb, f"SELECT count(*) {others} AND r.status <> 'failed'") == 0
+    assert one(jobdb, f"SELECT count(*) {others}") == 4
     assert "run task crashed" not in output and "Traceback" not in output
 
 
 # -- 3. a run busy inside Postgres is rescued at once ---------------------------------------------
+
+
+def sleeping_in_a_run(url: str) -> bool:
+    """Is a run's session (not the leader's) inside a pg_sleep, at the statement's core?"""
+    return bool(
+        one(
+            url,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event = 'PgSleep' AND application_name LIKE 'syncworker run%%'",
+        )
+    )
 
 
 def _kill_the_runner_and_time_the_rerun(url: str, tmp_path: Path, name: str) -> float:
@@ -174,7 +193,7 @@ def _kill_the_runner_and_time_the_rerun(url: str, tmp_path: Path, name: str) -> 
             timeout=20,
             what="the run to start",
         )[0]
-        time.sleep(1)  # well inside its statement
+        wait_for(lambda: sleeping_in_a_run(url), what="the run to be inside its statement")
         victim = next(p for p in procs if p.pid == first["pid"])
         victim.kill()
         killed = time.monotonic()
@@ -358,8 +377,20 @@ def test_hostile_statements_in_sql_jobs_leak_no_lock_and_stall_no_other_job(
             interval_seconds=1,
         )
     seconds = 20
+
+    def exposed() -> bool:
+        """Has every control job run `seconds - 4` times beside the hostile ones?"""
+        fewest = one(
+            jobdb,
+            """SELECT min(n) FROM (
+                 SELECT count(r.id) FILTER (WHERE r.status = 'success') AS n
+                   FROM syncworker.integrations i LEFT JOIN syncworker.sync_runs r ON r.integration_id = i.id
+                  WHERE i.name LIKE 'control%' GROUP BY i.name) c""",
+        )
+        return fewest >= seconds - 4
+
     with workers(jobdb, tmp_path, 1) as procs:
-        time.sleep(seconds)
+        wait_for(exposed, timeout=3 * seconds, interval=0.5, what="every job to have run a while")
         assert_alive(procs)
         output = procs[0].output()
         # Nothing sits running for seconds waiting on a lock some idle session kept.
@@ -441,11 +472,10 @@ def test_database_default_timeouts_do_not_cut_the_workers_own_sessions(jobdb: st
         jobdb, "control", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"}, interval_seconds=1
     )
     with workers(jobdb, tmp_path, 2) as procs:
-        time.sleep(6)
+        # Six runs a second apart: the sessions have sat idle past idle_session_timeout.
+        wait_for(lambda: one(jobdb, "SELECT count(*) FROM public.ticks") >= 6, timeout=30, what="ticks")
         assert_alive(procs)
         output = "".join(p.output() for p in procs)
-        ticks = one(jobdb, "SELECT count(*) FROM public.ticks")
-    assert ticks >= 4
     assert "session lost" not in output, output[-3000:]
 
 

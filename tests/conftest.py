@@ -21,6 +21,9 @@ from helpers import ADMIN_URL, REDIS_URL, create_database, db_prefix, drop_datab
 # The tests connect as the superuser postgres, and their sql jobs have no run_as: let the runs
 # in this process (run_once) run them, as the worker processes do (helpers.worker_env).
 os.environ.setdefault("SYNCWORKER_ALLOW_SUPERUSER_JOBS", "1")
+# The python jobs of the tests are in tests/jobs.py (`jobs:...`): allow that module, in this
+# process as in the worker processes.
+os.environ.setdefault("SYNCWORKER_PYTHON_MODULES", "jobs")
 
 __all__ = ["ADMIN_URL", "REDIS_URL", "create_database", "drop_database", "url_for_db"]
 

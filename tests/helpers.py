@@ -115,6 +115,7 @@ def worker_env(url: str, **extra: str) -> dict[str, str]:
     env.update({"SYNCWORKER_DATABASE_URL": url, "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1"})
     # The tests connect as the superuser postgres; their sql jobs have no run_as.
     env["SYNCWORKER_ALLOW_SUPERUSER_JOBS"] = "1"
+    env["SYNCWORKER_PYTHON_MODULES"] = "jobs"  # the python jobs of the tests: tests/jobs.py
     env.update(extra)
     return env
 

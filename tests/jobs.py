@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from typing import Any
 
@@ -84,3 +85,28 @@ def exits(ctx: RunContext) -> None:
 def die(ctx: RunContext) -> None:
     """A poison job: ends the whole process, as a segfault or the OOM killer would."""
     os._exit(3)
+
+
+# -- jobs for "isolation": "process" (each run in a child process of the worker) -----------
+
+
+def segfault(ctx: RunContext) -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def where_am_i(ctx: RunContext) -> dict[str, Any]:
+    """Logs a line, reports one bad record, and returns its pid with counts and a grown state."""
+    ctx.log.info("where_am_i says hello from pid %s", os.getpid())
+    ctx.record_error("rec-1", "not a number")
+    state = {"n": int(ctx.state.get("n", 0)) + 1, "pid": os.getpid(), "seen": ctx.config.options}
+    return {"records_processed": 5, "inserted": 2, "updated": 1, "state": state}
+
+
+async def where_am_i_async(ctx: RunContext) -> RunResult:
+    await asyncio.sleep(0)
+    return RunResult(records_processed=1, state={"pid": os.getpid(), "loop": id(asyncio.get_running_loop())})
+
+
+async def uses_conn(ctx: RunContext) -> RunResult:
+    await ctx.conn.execute("SELECT 1")
+    return RunResult()

@@ -18,6 +18,7 @@ class ErrorType(StrEnum):
     SQL_ERROR = "sql_error"  # a statement failed
     EXCEPTION = "exception"  # the job's code raised something else
     BAD_RESULT = "bad_result"  # a python job returned something that is not a result
+    CRASHED = "crashed"  # the child process of an isolated python job died during the run
     RECORD_INVALID = "record_invalid"  # one record could not be loaded (the run is partial)
     SOURCE_INVALID = "source_invalid"  # the source table or query is not usable
     DESTINATION_INVALID = "destination_invalid"  # the destination table is not usable

@@ -24,6 +24,7 @@ def cli(
     }
     full["PYTHONPATH"] = str(TESTS)
     full["SYNCWORKER_ALLOW_SUPERUSER_JOBS"] = "1"  # as helpers.worker_env: the tests connect as postgres
+    full["SYNCWORKER_PYTHON_MODULES"] = "jobs"  # as helpers.worker_env: tests/jobs.py
     if url is not None:
         full["SYNCWORKER_DATABASE_URL"] = url
     full.update(env or {})
@@ -96,7 +97,7 @@ def test_check_lists_every_invalid_row_and_runs_nothing(jobdb: str) -> None:
     add_job(jobdb, "good", "sql", {"statement": "select 1"})
     add_job(jobdb, "typo", "sqll", {"statement": "select 1"})
     add_job(jobdb, "nostatement", "sql", {"query": "select 1"})
-    add_job(jobdb, "badimport", "python", {"callable": "jobs_missing:run"})
+    add_job(jobdb, "badimport", "python", {"callable": "jobs.missing:run"})
     result = cli(jobdb, "check")
     assert result.returncode == 1
     out = result.stdout.splitlines()
@@ -105,7 +106,7 @@ def test_check_lists_every_invalid_row_and_runs_nothing(jobdb: str) -> None:
     assert out[1].startswith('typo: kind: unknown kind "sqll"')
     # A module this shell cannot import may well be on the worker's path: a warning.
     assert (
-        "warning: badimport: cannot be checked from this shell (callable: cannot load jobs_missing:run"
+        "warning: badimport: cannot be checked from this shell (callable: cannot load jobs.missing:run"
         in (result.stderr)
     )
     assert one(jobdb, "SELECT count(*) FROM syncworker.sync_runs") == 0

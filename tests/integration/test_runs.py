@@ -156,7 +156,7 @@ def test_timeout_cancels_the_run(jobdb: str) -> None:
             "dsn: expected a secret reference",
         ),
         ("sql", {"statement": "select 1", "colour": "red"}, "colour: unknown setting"),
-        ("python", {"callable": "no_such_module:f"}, "cannot load no_such_module:f"),
+        ("python", {"callable": "jobs.no_such_module:f"}, "cannot load jobs.no_such_module:f"),
         ("python", {"callable": "jobs:NOT_CALLABLE"}, "is not callable"),
         ("python", {"callable": "just a string"}, 'expected "module:function"'),
     ],

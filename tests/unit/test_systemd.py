@@ -344,6 +344,7 @@ def test_the_environment_example_sets_the_database_url() -> None:
         "SYNCWORKER_GRACE_PERIOD",
         "SYNCWORKER_LOG_FORMAT",
         "SYNCWORKER_LOG_LEVEL",
+        "SYNCWORKER_PYTHON_MODULES",
     }
 
 

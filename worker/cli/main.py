@@ -275,6 +275,8 @@ def cmd_run(args: argparse.Namespace, target: db.Target) -> int:
     from worker.daemon.worker import StartupError, Worker
 
     settings = Settings.load({s.name: getattr(args, s.name) for s in SETTINGS}, database_url=target.url)
+    if args.python_modules is not None:  # the flag wins; python jobs read the variable when checked
+        os.environ["SYNCWORKER_PYTHON_MODULES"] = settings.python_modules
     _check_database(target)
     logs.setup(settings.log_format, settings.log_level)
     logging.getLogger("syncworker.cli").info("database %s", target.describe())

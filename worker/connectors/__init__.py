@@ -57,6 +57,12 @@ class Registry:
 
     def forget(self) -> None:
         """Load every kind afresh on its next use (a plugin was installed or removed)."""
+        self.close()
+
+    def close(self) -> None:
+        """Let every loaded connector release what it keeps between runs, and forget them."""
+        for connector in self._loaded.values():
+            connector.close()
         self._loaded.clear()
 
     def known_kinds(self) -> list[str]:

@@ -192,3 +192,6 @@ class Connector(ABC):
     def realtime_source(self, config: Any) -> RealtimeSource | None:
         """For jobs that want runs on change: where to LISTEN (`config` as `validate` returned it)."""
         return None
+
+    def close(self) -> None:  # noqa: B027 - most connectors hold nothing between runs
+        """Release what the connector keeps between runs (the process is stopping)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -52,6 +53,20 @@ def http_address(text: str) -> str:
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def module_prefixes(text: str) -> str:
+    """Comma-separated module names (`myapp.sync,reports`), spaces dropped; "" for none."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        if not _MODULE.fullmatch(name):
+            raise SettingsError(
+                f"expected comma-separated module names (e.g. myapp.sync,reports), got {name!r}"
+            )
+    return ",".join(names)
 
 
 def boolean(text: str) -> bool:
@@ -129,6 +144,13 @@ SETTINGS = [
         "allow --http on a non-loopback address without SYNCWORKER_HTTP_TOKEN",
     ),
     Setting(
+        "python_modules",
+        "",
+        module_prefixes,
+        "modules python jobs may call, comma-separated prefixes (reports allows reports.daily); "
+        "none when empty",
+    ),
+    Setting(
         "allow_superuser_jobs",
         False,
         boolean,
@@ -151,6 +173,7 @@ class Settings:
     log_level: str = "info"
     http: str = ""
     http_insecure: bool = False
+    python_modules: str = ""
     allow_superuser_jobs: bool = False
     database_url: str = ""
 
@@ -191,3 +214,14 @@ def allow_superuser_jobs(flag: bool | None = None, env: Mapping[str, str] | None
         return bool(ALLOW_SUPERUSER_JOBS.parse(raw)) if raw else False
     except SettingsError as exc:
         raise SettingsError(f"{ALLOW_SUPERUSER_JOBS.env}: {exc}") from None
+
+
+PYTHON_MODULES = next(s for s in SETTINGS if s.name == "python_modules")
+
+
+def python_modules(env: Mapping[str, str] | None = None) -> list[str]:
+    """The module prefixes python jobs may call: SYNCWORKER_PYTHON_MODULES of this process
+    (`run --python-modules` sets it for the worker), read each time a job is checked."""
+    raw = (os.environ if env is None else env).get(PYTHON_MODULES.env, "")
+    parsed: str = PYTHON_MODULES.parse(raw)
+    return parsed.split(",") if parsed else []

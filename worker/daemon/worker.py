@@ -15,7 +15,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from worker import db
+from worker import connectors, db
 from worker.daemon.alarm import Alarm
 from worker.daemon.settings import Settings
 from worker.daemon.systemd import Notifier, watchdog_interval
@@ -404,6 +404,7 @@ class Worker:
                 await conn.execute(Q["stop_worker"], {"worker_id": self.listener.worker_id})
         except Exception as exc:
             log.warning("could not record the worker as stopped: %s", exc)
+        connectors.REGISTRY.close()  # the child processes of isolated python jobs
         await self.run_pool.close()
         await self.pool.close()
         self.notifier.close()

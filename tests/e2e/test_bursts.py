@@ -55,6 +55,8 @@ def test_a_burst_on_two_replicas_runs_every_job_exactly_once(jobdb: str, tmp_pat
             timeout=10,
             what="the 5 failures",
         )
+        # A second run of a job would be claimed at once (they are due now); half a second
+        # is many claims' time, and short enough to keep.
         time.sleep(0.5)
     per_job = runs_per_job(jobdb)
     assert all(per_job[f"burst{i}"] == ["success"] for i in range(1, 601))

@@ -34,6 +34,17 @@ class Rounds(Service):
         return self.wait
 
 
+def waiting_for_a_lock(url: str) -> bool:
+    """Does a session of this database wait for an advisory lock (the standby's)?"""
+    return bool(
+        one(
+            url,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+        )
+    )
+
+
 async def eventually(condition: object, what: str) -> None:
     async with asyncio.timeout(5):
         while not condition():  # type: ignore[operator]  # noqa: ASYNC110 - polled state
@@ -47,6 +58,7 @@ def test_a_service_backs_off_while_the_database_is_away_and_is_woken_early(
         service = Rounds(failures=3, wait=None)  # after its round it waits until woken
         task = asyncio.create_task(service.run())
         await eventually(lambda: service.done == 1, "the first round after the failures")
+        # A spinning service would go round again at once: 50 ms is hundreds of rounds.
         await asyncio.sleep(0.05)
         assert service.done == 1  # waiting, not spinning
         service.wake()
@@ -89,7 +101,7 @@ def test_leadership_passes_to_the_standby_when_the_leader_stops(db: str) -> None
         one_task = asyncio.create_task(first.run())
         await eventually(lambda: first.is_leader, "the first to lead")
         two_task = asyncio.create_task(second.run())
-        await asyncio.sleep(0.3)
+        await eventually(lambda: waiting_for_a_lock(db), "the standby to wait for the lock")
         assert not second.is_leader  # waiting inside Postgres for the lock
         one_task.cancel()
         await asyncio.gather(one_task, return_exceptions=True)

@@ -55,10 +55,6 @@ class ChildPool:
                 self._discard(child)
         return _unpack(final)
 
-    def pids(self) -> list[int]:
-        """The children alive now (for `check`ing and tests)."""
-        return [c.pid for c in self._all if c.alive()]
-
     def close(self) -> None:
         self._closed = True
         for child in list(self._all):
@@ -103,11 +99,6 @@ class Child:
     def __init__(self, process: BaseProcess, conn: Connection) -> None:
         self.process = process
         self.conn = conn
-
-    @property
-    def pid(self) -> int:
-        assert self.process.pid is not None
-        return self.process.pid
 
     @classmethod
     def start(cls) -> Child:

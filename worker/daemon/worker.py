@@ -306,6 +306,8 @@ class Worker:
             self.settings.concurrency,
             db.describe_target(self.url),
         )
+        if self.settings.http:
+            self.metrics.fleet.warm(self.pool)
         self.notifier.ready(f"worker {self.listener.worker_id} running")
 
     def _leader_watch(self) -> LeaderWatch:

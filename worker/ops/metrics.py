@@ -186,20 +186,22 @@ class Fleet(Collector):
         self.text = b""  # the snapshot's series in the text format
         self.error: str | None = None
         self.read_seconds = 0.0
-        self._lock = asyncio.Lock()
         self._reading: asyncio.Task[None] | None = None
 
-    async def refresh(self, pool: AsyncConnectionPool[AsyncConnection[TupleRow]]) -> Snapshot | None:
-        """The latest snapshot, or None when the latest read failed.  The first call waits for
-        a read; later ones start a read in the background when the snapshot is stale."""
-        if not self.snapshot.taken:
-            async with self._lock:
-                if not self.snapshot.taken:
-                    await self._read(pool)
-        elif time.monotonic() - self.snapshot.taken >= self.ttl and (
-            self._reading is None or self._reading.done()
-        ):
+    def warm(self, pool: AsyncConnectionPool[AsyncConnection[TupleRow]]) -> None:
+        """Start the first read (at start-up, so that the first scrape need not wait for it)."""
+        if self._reading is None:
             self._reading = asyncio.create_task(self._read(pool), name="fleet read")
+
+    async def refresh(self, pool: AsyncConnectionPool[AsyncConnection[TupleRow]]) -> Snapshot | None:
+        """The latest snapshot, or None when the latest read failed.  Until there is a first
+        snapshot, a call waits for a read; after that, a stale snapshot is read again in the
+        background and the call returns at once."""
+        stale = time.monotonic() - self.snapshot.taken >= self.ttl
+        if stale and (self._reading is None or self._reading.done()):
+            self._reading = asyncio.create_task(self._read(pool), name="fleet read")
+        if not self.snapshot.taken and self._reading is not None:
+            await asyncio.shield(self._reading)
         return None if self.error is not None else self.snapshot
 
     async def _read(self, pool: AsyncConnectionPool[AsyncConnection[TupleRow]]) -> None:

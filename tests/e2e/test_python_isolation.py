@@ -3,6 +3,7 @@ the run's failure (`crashed`), never the worker's death.  Real worker processes 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 from helpers import add_job, execute, one, rows, supervised, wait_for, workers
+from worker.run.once import run_once
 
 pytestmark = pytest.mark.e2e
 
@@ -257,3 +259,14 @@ def test_a_poison_job_under_isolation_kills_no_replica(jobdb: str, tmp_path: Pat
         assert gaps is not None and float(gaps) < 2.0, gaps
         assert supervisor.deaths == []
     assert one(jobdb, "SELECT count(*) FROM syncworker.workers") == 2
+
+
+@pytest.mark.parametrize(
+    ("isolation", "expected"), [("fork", "got 'fork'"), (1, "got int"), (None, "got null")]
+)
+def test_isolation_is_thread_or_process(db: str, isolation: object, expected: str) -> None:
+    add_job(db, "odd", "python", {"callable": "jobs:count_up", "isolation": isolation})
+    assert asyncio.run(run_once(db, "odd")).status == "failed"
+    reason = one(db, "SELECT disabled_reason FROM syncworker.integrations")
+    assert reason.startswith("invalid configuration: isolation: expected") and expected in reason, reason
+    assert one(db, "SELECT error_type FROM syncworker.sync_runs") == "config_invalid"

@@ -131,3 +131,45 @@ def test_a_burst_wakes_the_leader_once_not_once_per_run(jobdb: str, tmp_path: Pa
     # The worker announces when it starts running while none of its runs ran: for one
     # burst that is once (a few times if its sessions all ran dry for a moment).
     assert 1 <= len(started) <= 10
+
+
+def test_a_burst_of_20000_over_three_replicas_with_one_killed_runs_every_job_exactly_once(
+    jobdb: str, tmp_path: Path
+) -> None:
+    """ "Every integration on the hour": 20,000 rows due in the same second, three replicas,
+    one SIGKILLed mid-burst.  Every job's work commits exactly once, with one successful run."""
+    total = 20_000
+    add_burst(jobdb, total, "INSERT INTO public.job_rows (run_id) VALUES (1)")
+    with workers(jobdb, tmp_path, 3) as (victim, *survivors):
+        wait_for(lambda: successes(jobdb) >= total // 4, timeout=120, what="a quarter of the burst done")
+        victim.kill()
+        killed_at = successes(jobdb)
+        assert killed_at < total, "the burst was over before the kill: make it bigger"
+        wait_for(
+            lambda: (
+                one(
+                    jobdb,
+                    "SELECT count(*) FROM syncworker.integrations "
+                    "WHERE last_status = 'success' AND running_run_id IS NULL",
+                )
+                == total
+            ),
+            timeout=240,
+            interval=0.5,
+            what="every job to have succeeded",
+        )
+        for p in survivors:
+            assert p.proc.poll() is None, p.output()[-3000:]
+    counts = rows(
+        jobdb,
+        """SELECT count(*) FILTER (WHERE status = 'success') AS ok,
+                  count(DISTINCT integration_id) FILTER (WHERE status = 'success') AS jobs,
+                  count(*) FILTER (WHERE status = 'abandoned') AS abandoned,
+                  count(*) FILTER (WHERE status = 'running') AS running,
+                  count(*) FILTER (WHERE status NOT IN ('success', 'abandoned', 'running')) AS other
+             FROM syncworker.sync_runs""",
+    )[0]
+    assert counts == {"ok": total, "jobs": total, "abandoned": counts["abandoned"], "running": 0, "other": 0}
+    assert counts["abandoned"] <= 4  # the killed replica's runs in flight, at most one per session
+    # The work of the killed runs rolled back with their sessions: one row per job.
+    assert one(jobdb, "SELECT count(*) FROM public.job_rows") == total

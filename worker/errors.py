@@ -15,6 +15,7 @@ class ErrorType(StrEnum):
     ABANDONED = "abandoned"  # its worker died, lost its session or shut down; the job runs again
     CRASH_LOOP = "crash_loop"  # max_abandons runs in a row were abandoned: the job is disabled
     CONNECTION = "connection"  # a database or network connection failed
+    SERVER_TIMEOUT = "server_timeout"  # a timeout of the server's ended the run's session or statement
     SQL_ERROR = "sql_error"  # a statement failed
     EXCEPTION = "exception"  # the job's code raised something else
     BAD_RESULT = "bad_result"  # a python job returned something that is not a result

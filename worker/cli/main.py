@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import psycopg
 
 from worker import __version__, db
+from worker.cli import environment as cli_environment
 from worker.cli.common import (
     CliError,
     ago,
@@ -39,6 +40,7 @@ from worker.daemon.settings import (
     allow_superuser_jobs,
     boolean,
 )
+from worker.db.environment import Unsuitable
 from worker.db.migrate import SchemaMismatch
 from worker.db.queries import Q
 
@@ -167,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
     except CliError as exc:
         _fail(str(exc) if exc.names_database else f"{exc}; database {target.describe()}")
-    except SchemaMismatch as exc:
+    except (SchemaMismatch, Unsuitable) as exc:
         _fail(str(exc), exc.exit_code)
     except psycopg.Error as exc:
         _fail(db.database_error(exc, target))
@@ -214,6 +216,7 @@ def cmd_migrate(args: argparse.Namespace, target: db.Target) -> int:
         return 0
     # a clear "cannot connect" before alembic's longer traceback-shaped errors
     connect(target, schema=False).close()
+    cli_environment.require_writable(target)
     if not target.explicit and not args.yes:
         _confirm_migrate(target)
     try:
@@ -518,7 +521,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, db.Target], int]] = {
     "trigger": cmd_trigger,
     "history": cmd_history,
     "errors": cmd_errors,
-    "check": cmd_check,
+    "check": cli_environment.with_section(cmd_check),
     "run-once": cmd_run_once,
     "install-trigger": cmd_install_trigger,
     "verify": cmd_verify,

@@ -19,6 +19,7 @@ from typing import Any
 
 from worker import db
 from worker.cli import common as shared
+from worker.cli import environment as cli_environment
 from worker.db.queries import Q
 
 Handler = Callable[[argparse.Namespace, db.Target], int]
@@ -276,8 +277,10 @@ def _check_json(args: argparse.Namespace, target: db.Target) -> int:
     shared.say_database(target)
     invalid = [{"name": name, "problem": p.message} for name, p in found if not p.local]
     unchecked = [{"name": name, "problem": p.message} for name, p in found if p.local]
-    _print_json({"valid": len(rows) - len(found), "invalid": invalid, "unchecked": unchecked})
-    return 1 if invalid else 0
+    env = cli_environment.findings(target)
+    report = {"valid": len(rows) - len(found), "invalid": invalid, "unchecked": unchecked}
+    _print_json(report | {"environment": cli_environment.as_json(env)})
+    return 1 if invalid or cli_environment.failed(env) else 0
 
 
 def _verify_json(args: argparse.Namespace, target: db.Target) -> int:

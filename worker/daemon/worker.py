@@ -30,6 +30,7 @@ from worker.services.leadership import Leadership
 from worker.services.listener import Listener
 from worker.services.pruner import PruneLoop, Pruner
 from worker.services.realtime import Realtime
+from worker.services.announcer import DueAnnouncer
 from worker.services.rescuer import RescueLoop, Rescuer
 
 if TYPE_CHECKING:
@@ -51,15 +52,15 @@ MAX_RECHECK = 2.0
 BOOKKEEPING = {"synchronous_commit": "off", "syncworker.announces_runs": "on"}
 
 
-async def _clean_session(conn: AsyncConnection[TupleRow]) -> None:
-    """A run session going back to the pool: nothing a job did to it may outlive the job.
+CLEAN_SESSION = b"SELECT pg_advisory_unlock_all(); RESET ALL; RESET ROLE"
+"""A run session going back to the pool: nothing a job did to it may outlive the job.
 
-    Jobs run their own statements on it (`SET ROLE`, `SET statement_timeout`, ...): RESET
-    returns to the startup options.  No integration lock may stay with a session that runs
-    nothing: every advisory lock it holds is released (one round trip; pg_locks is not read,
-    which would stall every session taking a lock meanwhile).
-    """
-    await conn.execute(b"SELECT pg_advisory_unlock_all(); RESET ALL; RESET ROLE")
+Jobs run their own statements on it (`SET ROLE`, `SET statement_timeout`, ...): RESET returns
+to the startup options (or, where a pooler kept them from the server, the worker sets its
+settings again).  No integration lock may stay with a session that runs nothing: every
+advisory lock it holds is released (one round trip; pg_locks is not read, which would stall
+every session taking a lock meanwhile).
+"""
 
 
 class StartupError(Exception):
@@ -84,18 +85,24 @@ class Worker:
         self.alerting: AlertLoop | None = None  # the leader delivers alerts (SYNCWORKER_ALERT_*)
         # Session options name the worker once it is registered (`_start`).
         self.pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
-            self.url, min_size=1, max_size=2, open=False, name="control"
+            self.url, min_size=1, max_size=2, open=False, name="control", configure=self._configure_session
         )
+        # Whether the server gets the sessions' settings by SET (a pooler keeps startup
+        # options from it): decided at start-up by the environment probe.
+        self.by_set = False
+        self.exit_code = 0
         self.run_pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
             self.url,
             min_size=1,
             max_size=settings.concurrency,
             open=False,
             name="runs",
-            reset=_clean_session,
+            configure=self._configure_session,
+            reset=self._clean_session,
         )
         self.census = Census(self._announce_runs)
         self.rescue = RescueLoop(Rescuer(self.pool), settings.rescue_interval)
+        self.announcer = DueAnnouncer(self.pool)
         self._announcing: set[asyncio.Task[None]] = set()
         self.metrics = Metrics(settings.concurrency)
         self.runner = MeasuredRunner(
@@ -106,6 +113,7 @@ class Worker:
             metrics=self.metrics,
             allow_superuser_jobs=settings.allow_superuser_jobs,
         )
+        self.runner.on_scheduled = self.announcer.ask
         self.listener = Listener(
             self.url,
             self.alarm,
@@ -267,22 +275,25 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
         await self._start_http()
+        await self._check_environment()
         first = await self._connect_first()
         worker_id = self.listener.worker_id
         assert worker_id is not None
         # Every session names its worker, so that a replica found lost can be cut off.
+        by_set = self.by_set
         self.pool.kwargs = {
             "autocommit": True,
-            **db.session_kwargs(self.url, f"syncworker w{worker_id}", **BOOKKEEPING),
+            **db.session_kwargs(self.url, f"syncworker w{worker_id}", by_set=by_set, **BOOKKEEPING),
         }
         self.run_pool.kwargs = {
             "autocommit": True,
-            **db.session_kwargs(self.url, f"syncworker run w{worker_id}", **BOOKKEEPING),
+            **db.session_kwargs(self.url, f"syncworker run w{worker_id}", by_set=by_set, **BOOKKEEPING),
         }
         self.leadership.application_name = f"syncworker leader w{worker_id}"
         await self.pool.open()
         await self.run_pool.open()
         self.listener.adopt(first)
+        self.listener.on_reconnect = self._recheck_environment
         self._service(self.listener.run, "listener")
         self.heartbeat = Heartbeat(
             self.pool,
@@ -294,6 +305,7 @@ class Worker:
         self._service(self.heartbeat.run, "heartbeat")
         self._service(self.leadership.run, "leadership")
         self._service(self.rescue.run, "rescuer")
+        self._service(self.announcer.run, "due announcer")
         if self.alerting is not None:
             self._service(self._leader_watch().run, "leader watch")
         interval = watchdog_interval()
@@ -363,6 +375,51 @@ class Worker:
             await conn.close()
         return await self.listener.connect_once()
 
+    async def _check_environment(self) -> None:
+        """Refuse a server or connection the worker cannot keep its guarantees on (a standby, a
+        server too old, a transaction pooler): one line, exit status 78.  Warnings are logged."""
+        from worker.db import environment
+
+        try:
+            env = await environment.probe(self.url)
+        except psycopg.OperationalError as exc:
+            target = db.describe_target(self.url)
+            raise StartupError(f"cannot connect to {target}: {db.connection_problem(exc)}") from None
+        found = environment.findings(env)
+        refusal = environment.refusal(found)
+        if refusal is not None:
+            raise environment.Unsuitable(f"cannot run on {db.describe_target(self.url)}: {refusal}")
+        for finding in found:
+            if finding.level in ("note", "warning"):
+                log.log(
+                    logging.WARNING if finding.level == "warning" else logging.INFO, "%s", finding.message
+                )
+        self.by_set = env.by_set
+        self.listener.by_set = self.leadership.by_set = env.by_set
+        if env.by_set:
+            self.runner.settings_statement = db.settings_statement(**BOOKKEEPING)
+
+    async def _recheck_environment(self) -> None:
+        """The listener reconnected: the way to the server may have changed (a pooler put in
+        between).  A refusal now stops the worker gracefully, with exit status 78."""
+        from worker.db import environment
+
+        env = await environment.probe(self.url)
+        refusal = environment.refusal(environment.findings(env))
+        if refusal is not None and not self.stopping:
+            log.error("stopping: cannot run on %s: %s", db.describe_target(self.url), refusal)
+            self.exit_code = environment.EXIT_UNSUITABLE
+            self.request_stop()
+
+    async def _configure_session(self, conn: AsyncConnection[TupleRow]) -> None:
+        """A new pooled session: the worker's settings, if startup options cannot carry them."""
+        if self.by_set:
+            await conn.execute(db.settings_statement(**BOOKKEEPING))
+
+    async def _clean_session(self, conn: AsyncConnection[TupleRow]) -> None:
+        again = b"; " + db.settings_statement(**BOOKKEEPING) if self.by_set else b""
+        await conn.execute(CLEAN_SESSION + again)
+
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: a stuck loop stops the pings and systemd restarts us.
         while True:
@@ -411,4 +468,4 @@ class Worker:
         await self.pool.close()
         self.notifier.close()
         log.info("worker %s stopped", self.listener.worker_id)
-        return 0
+        return self.exit_code

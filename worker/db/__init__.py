@@ -130,9 +130,17 @@ SERVER_SETTINGS = {
 }
 
 
-def session_kwargs(url: str, application_name: str, **settings: str) -> dict[str, Any]:
+def session_kwargs(
+    url: str, application_name: str, *, by_set: bool = False, **settings: str
+) -> dict[str, Any]:
     """connect_kwargs for one of the worker's own sessions on its database, with SERVER_SETTINGS
-    and `settings` as startup options (after any `options` the URL or PGOPTIONS already has)."""
+    and `settings` as startup options (after any `options` the URL or PGOPTIONS already has).
+
+    `by_set`: the server does not get startup options (a pooler refuses or drops them), so
+    none are sent; the session runs `settings_statement` once connected instead.
+    """
+    if by_set:
+        return connect_kwargs(application_name)
     try:
         given = str(psycopg.conninfo.conninfo_to_dict(libpq_url(url)).get("options") or "")
     except psycopg.ProgrammingError:
@@ -140,6 +148,16 @@ def session_kwargs(url: str, application_name: str, **settings: str) -> dict[str
     given = given or os.environ.get("PGOPTIONS", "")
     ours = " ".join(f"-c {name}={value}" for name, value in {**SERVER_SETTINGS, **settings}.items())
     return {**connect_kwargs(application_name), "options": f"{given} {ours}".strip()}
+
+
+def settings_statement(**settings: str) -> bytes:
+    """One statement that gives the session SERVER_SETTINGS and `settings`, for sessions whose
+    startup options never reached the server.  Such a session's `RESET ALL` returns to the
+    database's and role's defaults, so it runs this again after every `RESET ALL`."""
+    pairs = ", ".join(
+        f"set_config('{name}', '{value}', false)" for name, value in {**SERVER_SETTINGS, **settings}.items()
+    )
+    return f"SELECT {pairs}".encode()
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -1,6 +1,29 @@
 -- Every statement the worker and the CLI run, each under a name.
 -- A block starts with "-- name: <name>" and a one-line comment saying what it does.
 
+-- name: environment_server
+-- Start-up and `check`: the server, whether it takes writes, and who this session is.
+SELECT current_setting('server_version_num')::int, current_setting('server_version'),
+       pg_is_in_recovery(), current_setting('transaction_read_only') = 'on',
+       current_setting('is_superuser') = 'on', current_user::text, pg_backend_pid();
+
+-- name: environment_timeouts
+-- Start-up and `check`: server-side timeouts a session gets by default (server, database, role).
+SELECT name, current_setting(name), source FROM pg_settings
+ WHERE name = ANY(%(names)s) AND setting <> '0' AND source <> 'default';
+
+-- name: environment_settings
+-- Start-up and `check`: the values of settings in this session, by name.
+SELECT n, current_setting(n) FROM unnest(%(names)s::text[]) n;
+
+-- name: environment_mark
+-- Start-up and `check`: a session setting that must still be there in the next transaction.
+SELECT set_config('syncworker.probe', %(token)s, false);
+
+-- name: environment_backend
+-- Start-up and `check`: which server session answers, and whether it kept the mark.
+SELECT pg_backend_pid(), current_setting('syncworker.probe', true);
+
 -- name: register_worker
 -- A new replica announces itself; its session then holds the worker lock.
 INSERT INTO syncworker.workers (hostname, pid, version, mode, concurrency)

@@ -13,6 +13,7 @@ from worker import db
 from worker.connectors import sql
 from worker.connectors.base import ConfigError, RunResult
 from worker.daemon import settings
+from worker.db import environment
 from worker.db.queries import Q
 from worker.run.outcome import classify
 from worker.run.rowcheck import Problem, problems
@@ -50,9 +51,10 @@ async def run_once(
     """
     allow = settings.allow_superuser_jobs(allow_superuser_jobs)
     runner = Runner(allow_superuser_jobs=allow)
-    async with await psycopg.AsyncConnection.connect(
-        url, autocommit=True, **db.connect_kwargs("syncworker run-once")
-    ) as conn:
+    # The worker's session settings: a timeout the database or role sets by default must not
+    # cut this run short any more than a worker's.
+    runner.settings_statement = db.settings_statement()
+    async with await environment.connect_own(url, "syncworker run-once") as conn:
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(Q["integration_by_name"], {"name": name})
         row = await cur.fetchone()

@@ -91,6 +91,8 @@ def classify(exc: BaseException, timed_out: bool) -> Failure:
         error_type = exc.error_type
     elif isinstance(exc, SecretError):
         error_type = ErrorType.SECRET_UNAVAILABLE
+    elif server_timeout(exc) is not None:
+        error_type = ErrorType.SERVER_TIMEOUT
     elif isinstance(exc, psycopg.OperationalError):
         error_type = ErrorType.CONNECTION
     elif isinstance(exc, psycopg.Error):
@@ -101,6 +103,26 @@ def classify(exc: BaseException, timed_out: bool) -> Failure:
         error_type = ErrorType.EXCEPTION
     message = redact(f"{type(exc).__name__}: {exc}".strip().rstrip(":"))
     return Failure(error_type, message[:MAX_ERROR_TEXT], detail)
+
+
+# A session the server ended for sitting idle (in a transaction or not): its own limit, not the job's.
+_SESSION_ENDED = ("25P03", "57P05")  # idle_in_transaction_session_timeout, idle_session_timeout
+# A statement the server cancelled on a limit of its own (not on a request: the worker's timeout).
+_STATEMENT_CUT = {"57014": "statement timeout", "55P03": "lock timeout"}
+
+
+def server_timeout(exc: BaseException) -> str | None:
+    """The server's message if one of its timeouts (set for the server, the database or the
+    role, or by the job) ended the session or cancelled a statement behind `exc`, else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, psycopg.Error):
+            message = seen.diag.message_primary or str(seen)
+            state = seen.sqlstate or ""
+            if state in _SESSION_ENDED or (state in _STATEMENT_CUT and _STATEMENT_CUT[state] in message):
+                return message
+        seen = seen.__cause__
+    return None
 
 
 def interruption(exc: BaseException) -> str | None:

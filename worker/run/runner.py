@@ -50,6 +50,9 @@ class Runner:
         self.max_backoff = max_backoff
         self.rand = rand
         self.census = census or Census()
+        # Where a pooler keeps startup options from the server, RESET ALL returns to the
+        # database's and role's defaults: this statement sets the worker's settings again.
+        self.settings_statement: bytes | None = None
 
     async def run_on(self, conn: AsyncConnection[TupleRow], job: Job) -> str | None:
         """Run `job` on a session of the caller's (`run-once`), which holds its lock."""
@@ -69,9 +72,13 @@ class Runner:
                 locked_at = row[0] if row is not None else None
             if locked_at is not None and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 await conn.execute(b"BEGIN")
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
+            # A pooled session the server ended while it sat idle (idle_session_timeout) raises
+            # no OperationalError, but it is as gone.
+            if not (isinstance(exc, psycopg.OperationalError) or conn.broken):
+                raise
             if job.locked_at is not None:
-                raise  # this session took the lock already: the run is lost with it
+                raise psycopg.OperationalError(str(exc)) from exc  # the run is lost with its lock
             raise _StaleSession from exc
         lock = _Lock(conn, job.id)
         try:
@@ -274,6 +281,8 @@ class Runner:
                 # Whatever the job SET (a timeout, a role, a search_path) ends with the job.
                 await cur.execute(b"RESET ALL")
                 await cur.execute(b"RESET ROLE")
+                if self.settings_statement is not None:
+                    await cur.execute(self.settings_statement)
                 if rows:
                     await cur.executemany(Q["record_error"], rows)
                 await cur.execute(Q["finish_run"], params)
@@ -350,7 +359,11 @@ class PooledRunner(Runner):
             except psycopg.OperationalError as exc:
                 # The session (and with it the lock) is gone: nothing of this run may commit.
                 log.warning("run session lost: %s", redact(str(exc)))
-                await self._abandon(current, f"the run lost its database session: {redact(str(exc))[:300]}")
+                if outcome.server_timeout(exc) is not None:
+                    await self._ended_by_server(current, exc)
+                else:
+                    reason = f"the run lost its database session: {redact(str(exc))[:300]}"
+                    await self._abandon(current, reason)
                 # A claim may have committed without its reply reaching us: its run is
                 # the rescuer's now, so make sure the leader is looking.
                 self.census.announce()
@@ -367,19 +380,44 @@ class PooledRunner(Runner):
                 return
             current = following.job if following is not None else None
 
-    async def _fail_elsewhere(self, job: Job, failure: Failure) -> None:
+    async def _fail_elsewhere(self, job: Job, failure: Failure) -> str | None:
         """Finish `job`'s run as failed from a control session (its own session is closed);
-        fenced like every finish.  If even that fails, the run is left to the rescuer."""
+        fenced like every finish (`abandoned`: another run is live).  If even that fails, the
+        run is left to the rescuer (None)."""
         self.census.finishing(job.run_id)
         try:
             async with self.pool.connection() as conn:
                 clock = await _DbClock.read(conn)
                 ending = self._failed(job, None, clock.now(), failure)
-                await self._commit_finish(
+                return await self._commit_finish(
                     _Lock(conn, job.id, held=False), job, ending, RunResult(), [], 0, None
                 )
         except Exception:
             log.exception("could not record the failed run; the rescuer will hand the job back")
+            return None
+
+    async def _ended_by_server(self, job: Job, exc: BaseException) -> None:
+        """The server ended the run's session on a timeout of its own: the run failed, and the
+        failure counts toward max_retries like any other (rerunning at once would meet the
+        same limit).  If a rescuer handed the run back first, the error is still recorded."""
+        failure = classify(exc, timed_out=False)
+        if await self._fail_elsewhere(job, failure) == "abandoned":
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        Q["record_error"],
+                        {
+                            "integration_id": job.id,
+                            "run_id": job.run_id,
+                            "error_type": failure.error_type,
+                            "message": outcome.text(failure.message),
+                            "detail": failure.detail and outcome.text(failure.detail, 8000),
+                            "record_key": None,
+                            "context": Jsonb({}),
+                        },
+                    )
+            except psycopg.Error:
+                log.exception("could not record why the run's session ended")
 
     async def _abandon(self, job: Job, reason: str) -> None:
         """Hand the job back through another session, retrying while the database is away."""

@@ -38,6 +38,7 @@ class Leadership(SessionService):
         self.on_change = on_change
         self.is_leader = False
         self.application_name = "syncworker leader"
+        self.by_set = False  # the session's settings go by SET (a pooler keeps startup options away)
 
     def _set(self, leader: bool) -> None:
         if leader != self.is_leader:
@@ -47,11 +48,16 @@ class Leadership(SessionService):
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         idle = f"{LEADER_IDLE_TIMEOUT:g}s"
-        return await psycopg.AsyncConnection.connect(
+        conn = await psycopg.AsyncConnection.connect(
             self.url,
             autocommit=True,
-            **db.session_kwargs(self.url, self.application_name, idle_session_timeout=idle),
+            **db.session_kwargs(
+                self.url, self.application_name, by_set=self.by_set, idle_session_timeout=idle
+            ),
         )
+        if self.by_set:
+            await conn.execute(db.settings_statement(idle_session_timeout=idle))
+        return conn
 
     async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(Q["wait_for_leadership"])

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -50,13 +50,19 @@ class Listener(SessionService):
         self.on_realtime_jobs = on_realtime_jobs
         self.worker_id: int | None = None
         self.connected = asyncio.Event()
+        self.by_set = False  # the session's settings go by SET (a pooler keeps startup options away)
+        self.on_reconnect: Callable[[], Awaitable[None]] | None = None
         self._first: psycopg.AsyncConnection[Any] | None = None
 
     async def connect_once(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         conn = await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, **db.session_kwargs(self.url, "syncworker listener")
+            self.url,
+            autocommit=True,
+            **db.session_kwargs(self.url, "syncworker listener", by_set=self.by_set),
         )
         try:
+            if self.by_set:
+                await conn.execute(db.settings_statement())
             if self.worker_id is None:
                 cur = await conn.execute(
                     Q["register_worker"],
@@ -88,6 +94,8 @@ class Listener(SessionService):
             return first
         conn = await self.connect_once()
         log.info("listener reconnected")
+        if self.on_reconnect is not None:
+            await self.on_reconnect()
         return conn
 
     async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:

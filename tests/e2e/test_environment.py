@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -55,44 +56,62 @@ def with_port(url: str, port: int, user: str | None = None) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+class Bouncer:
+    """A real PgBouncer on a free port in front of a server, trusting postgres and `users`."""
+
+    def __init__(
+        self, url: str, mode: str, pool_size: int, ignore_options: bool, users: tuple[str, ...]
+    ) -> None:
+        server = urlsplit(url)
+        self.port = free_port()
+        self.home = Path(tempfile.mkdtemp(prefix="swtest-pgbouncer-"))
+        self.ini = self.home / "pgbouncer.ini"
+        (self.home / "users.txt").write_text("".join(f'"{user}" ""\n' for user in ("postgres", *users)))
+        self.settings = (
+            f"[databases]\n* = host={server.hostname} port={server.port or 5432}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.home / 'users.txt'}\n"
+            f"default_pool_size = {pool_size}\nmax_client_conn = 500\n"
+            f"logfile = {self.home / 'pgbouncer.log'}\n"
+            + ("ignore_startup_parameters = options\n" if ignore_options else "")
+        )
+        self.ini.write_text(self.settings + f"pool_mode = {mode}\n")
+        as_user: dict[str, Any] = {}
+        if os.geteuid() == 0:  # pgbouncer refuses to run as root
+            for path in (self.home, *self.home.iterdir()):
+                shutil.chown(path, "postgres")
+            as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
+        self.proc = subprocess.Popen(
+            [PGBOUNCER, str(self.ini)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe
+            **as_user,
+        )
+
+    def switch(self, mode: str) -> None:
+        """Another pool_mode, taken by a reload (SIGHUP) as an operator would."""
+        self.ini.write_text(self.settings + f"pool_mode = {mode}\n")
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
 @contextmanager
 def pgbouncer(
     url: str, mode: str, *, pool_size: int = 20, ignore_options: bool = False, users: tuple[str, ...] = ()
-) -> Iterator[int]:
-    """A real PgBouncer on a free port in front of `url`'s server, trusting postgres and `users`."""
-    server = urlsplit(url)
-    port = free_port()
-    home = Path(tempfile.mkdtemp(prefix="swtest-pgbouncer-"))
-    ini = home / "pgbouncer.ini"
-    (home / "users.txt").write_text("".join(f'"{user}" ""\n' for user in ("postgres", *users)))
-    ini.write_text(
-        f"[databases]\n* = host={server.hostname} port={server.port or 5432}\n"
-        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = trust\nauth_file = {home / 'users.txt'}\npool_mode = {mode}\n"
-        f"default_pool_size = {pool_size}\nmax_client_conn = 500\nlogfile = {home / 'pgbouncer.log'}\n"
-        + ("ignore_startup_parameters = options\n" if ignore_options else "")
-    )
-    as_user: dict[str, Any] = {}
-    if os.geteuid() == 0:  # pgbouncer refuses to run as root
-        shutil.chown(home, "postgres")
-        for path in home.iterdir():
-            shutil.chown(path, "postgres")
-        as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
-    proc = subprocess.Popen(
-        [PGBOUNCER, str(ini)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe
-        **as_user,
-    )
+) -> Iterator[Bouncer]:
+    bouncer = Bouncer(url, mode, pool_size, ignore_options, users)
     try:
-        wait_for(lambda: _answers(port) or proc.poll() is not None, timeout=10, what="pgbouncer to listen")
-        assert proc.poll() is None, (home / "pgbouncer.log").read_text()
-        yield port
+        proc = bouncer.proc
+        wait_for(lambda: _answers(bouncer.port) or proc.poll() is not None, timeout=10, what="pgbouncer")
+        assert proc.poll() is None, (bouncer.home / "pgbouncer.log").read_text()
+        yield bouncer
     finally:
-        proc.kill()
-        proc.wait(10)
-        shutil.rmtree(home, ignore_errors=True)
+        bouncer.stop()
 
 
 def _answers(port: int) -> bool:
@@ -153,8 +172,8 @@ def runs(url: str, name: str) -> list[dict[str, Any]]:
 def test_a_transaction_pooler_is_refused_at_start_up(
     jobdb: str, pool_size: int, ignore_options: bool
 ) -> None:
-    with pgbouncer(jobdb, "transaction", pool_size=pool_size, ignore_options=ignore_options) as port:
-        pooled = with_port(jobdb, port)
+    with pgbouncer(jobdb, "transaction", pool_size=pool_size, ignore_options=ignore_options) as bouncer:
+        pooled = with_port(jobdb, bouncer.port)
         result = syncworker(pooled, "run", timeout=60)
         checked = syncworker(pooled, "check")
     assert result.returncode == 78, result.stderr[-3000:]
@@ -172,8 +191,8 @@ def test_a_session_pooler_is_accepted_and_runs_jobs(jobdb: str, tmp_path: Path) 
     add_job(
         jobdb, "tick", "sql", {"statement": "INSERT INTO public.ticks DEFAULT VALUES"}, interval_seconds=1
     )
-    with pgbouncer(jobdb, "session") as port:
-        pooled = with_port(jobdb, port)
+    with pgbouncer(jobdb, "session") as bouncer:
+        pooled = with_port(jobdb, bouncer.port)
         with workers(pooled, tmp_path, 1, env=worker_env(pooled)) as procs:
             wait_for(lambda: one(jobdb, "SELECT count(*) FROM public.ticks") >= 3, timeout=30, what="3 runs")
             assert procs[0].proc.poll() is None
@@ -183,6 +202,27 @@ def test_a_session_pooler_is_accepted_and_runs_jobs(jobdb: str, tmp_path: Path) 
     assert "startup options are refused on the way to the server" in output
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "  ok: sessions: stable" in checked.stdout
+
+
+@needs_pgbouncer
+def test_a_listener_that_reconnects_through_a_transaction_pooler_stops_the_worker(
+    jobdb: str, tmp_path: Path
+) -> None:
+    """The way to the server changes under a running worker (the pooler is switched to
+    transaction mode): the listener's next session finds it out, and the worker stops with 78."""
+    with pgbouncer(jobdb, "session") as bouncer:
+        pooled = with_port(jobdb, bouncer.port)
+        with workers(pooled, tmp_path, 1, env=worker_env(pooled)) as procs:
+            wait_for(lambda: "started" in procs[0].output(), timeout=20, what="the worker to start")
+            bouncer.switch("transaction")
+            execute(
+                jobdb,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'syncworker listener'",
+            )
+            assert procs[0].proc.wait(30) == 78, procs[0].output()[-3000:]
+            output = procs[0].output()
+    assert "stopping: cannot run on" in output and "pool_mode = session" in output
 
 
 # -- 3. server-side timeouts: the worker's sessions keep their own settings --------------------------
@@ -201,8 +241,8 @@ def test_idle_in_transaction_timeout_behind_a_pooler_does_not_cut_a_long_python_
     add_job(
         jobdb, "slow", "python", {"callable": "jobs:sleep", "options": {"seconds": 5}}, interval_seconds=3600
     )
-    with pgbouncer(jobdb, "session", ignore_options=True, users=(role,)) as port:
-        pooled = with_port(url, port)
+    with pgbouncer(jobdb, "session", ignore_options=True, users=(role,)) as bouncer:
+        pooled = with_port(url, bouncer.port)
         with workers(pooled, tmp_path, 2, env=worker_env(pooled, SYNCWORKER_DATABASE_URL=pooled)):
             wait_for(
                 lambda: runs(jobdb, "slow") and runs(jobdb, "slow")[0]["status"] != "running", timeout=30
@@ -224,8 +264,8 @@ def test_statement_timeout_behind_a_pooler_cancels_neither_a_long_job_nor_the_st
 ) -> None:
     url = set_default(jobdb, level, role, "statement_timeout", "1s")
     add_job(jobdb, "long", "sql", {"statement": "SELECT pg_sleep(3)"}, interval_seconds=3600)
-    with pgbouncer(jobdb, "session", ignore_options=True, users=(role,)) as port:
-        pooled = with_port(url, port)
+    with pgbouncer(jobdb, "session", ignore_options=True, users=(role,)) as bouncer:
+        pooled = with_port(url, bouncer.port)
         with workers(pooled, tmp_path, 2, "--mode", "single", env=worker_env(pooled)) as procs:
             wait_for(
                 lambda: runs(jobdb, "long") and runs(jobdb, "long")[0]["status"] != "running", timeout=30
@@ -253,8 +293,8 @@ def test_lock_timeout_behind_a_pooler_does_not_cancel_the_wait_for_the_runs_lock
     job_id = add_job(jobdb, "locked", "sql", {"statement": "SELECT 1"}, next_sync_at=None)
     with psycopg.connect(jobdb, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(syncworker.lock_key('integration'), %s)", (job_id,))
-        with pgbouncer(jobdb, "session", ignore_options=True, users=(role,)) as port:
-            pooled = with_port(url, port)
+        with pgbouncer(jobdb, "session", ignore_options=True, users=(role,)) as bouncer:
+            pooled = with_port(url, bouncer.port)
             with workers(pooled, tmp_path, 1, env=worker_env(pooled)):
                 execute(jobdb, "SELECT syncworker.trigger_sync('locked')")
                 wait_for(lambda: runs(jobdb, "locked"), timeout=15, what="the run")

@@ -95,7 +95,11 @@ class Listener(SessionService):
         conn = await self.connect_once()
         log.info("listener reconnected")
         if self.on_reconnect is not None:
-            await self.on_reconnect()
+            try:
+                await self.on_reconnect()
+            except BaseException:
+                await conn.close()
+                raise
         return conn
 
     async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:

@@ -52,7 +52,7 @@ def test_a_standby_is_one_error_not_two() -> None:
 def test_a_superuser_is_a_warning() -> None:
     env = replace(HEALTHY, superuser=True, user="postgres")
     assert levels(env)["warning"] == [
-        "role: connected as postgres, a superuser: every job's SQL runs with superuser rights; "
+        "role: connected as postgres, a superuser: jobs' SQL may run with superuser rights; "
         "connect as a login granted syncworker_runner instead"
     ]
     assert refusal(findings(env)) is None

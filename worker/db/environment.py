@@ -256,7 +256,7 @@ def _role(env: Environment) -> Finding:
         return Finding(
             "warning",
             "role",
-            f"connected as {env.user}, a superuser: every job's SQL runs with superuser rights; "
+            f"connected as {env.user}, a superuser: jobs' SQL may run with superuser rights; "
             "connect as a login granted syncworker_runner instead",
         )
     return Finding("ok", "role", f"connected as {env.user} (not a superuser)")

@@ -23,19 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from core import (
-    ADMIN,
-    db_url,
-    machine,
-    percentile,
-    reset_jobs,
-    save_section,
-    sql,
-    start_worker,
-    table_lines,
-    throughput,
-    wait_workers,
-)
+from core import ADMIN, Fleet, burst, db_url, machine, percentile, save_section, sql, table_lines
 
 from worker.ops.metrics import FLEET_TTL
 
@@ -120,9 +108,8 @@ def main() -> None:
         upgrade(url)
         fill(url, args.integrations, args.runs)
         port = free_port()
-        worker = start_worker(url, "--http", f"127.0.0.1:{port}")
+        worker = Fleet(url, 1, "--http", f"127.0.0.1:{port}")
         try:
-            wait_workers(url, 1)
             reads: list[float] = []
             for path in ("/metrics", "/health"):
                 times, more = scrape_times(port, path, args.scrapes)
@@ -142,8 +129,7 @@ def main() -> None:
                 )
             )
         finally:
-            worker.terminate()
-            worker.wait(60)
+            worker.stop()
     finally:
         sql(ADMIN, f'DROP DATABASE "{name}" WITH (FORCE)')
 
@@ -155,15 +141,12 @@ def main() -> None:
         url = db_url(name)
         try:
             upgrade(url)
-            reset_jobs(url, args.jobs)
             extra = ["--http", f"127.0.0.1:{free_port()}"] if mode == "on" else []
-            worker = start_worker(url, *extra)
+            worker = Fleet(url, 1, *extra)
             try:
-                wait_workers(url, 1)
-                rates[mode].append(throughput(url, args.jobs))
+                rates[mode].append(burst(url, name, worker, args.jobs).rate)
             finally:
-                worker.terminate()
-                worker.wait(60)
+                worker.stop()
         finally:
             sql(ADMIN, f'DROP DATABASE "{name}" WITH (FORCE)')
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
@@ -180,7 +163,7 @@ def main() -> None:
         f"snapshot stale (it is kept {FLEET_TTL:g} s) and starts a read of the tables in the background; "
         "the scrape itself is served the previous snapshot. "
         f"Throughput: bursts of {args.jobs} no-op jobs on a fresh database per turn, "
-        f"{args.turns} turns each way, off and on alternating; worker at log level warning, "
+        f"{args.turns} turns each way, off and on alternating; worker at the default log level (info), "
         "as in the core benchmark.",
     ]
     save_section("ops", "Operations (--http)", lines)

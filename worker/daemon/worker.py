@@ -23,6 +23,7 @@ from worker.db.queries import Q
 from worker.ops.metrics import MeasuredRunner, Metrics
 from worker.run.census import Census
 from worker.run.runner import Job
+from worker.services.announcer import DueAnnouncer
 from worker.services.backoff import Backoff
 from worker.services.base import supervise
 from worker.services.heartbeat import Heartbeat
@@ -30,7 +31,6 @@ from worker.services.leadership import Leadership
 from worker.services.listener import Listener
 from worker.services.pruner import PruneLoop, Pruner
 from worker.services.realtime import Realtime
-from worker.services.announcer import DueAnnouncer
 from worker.services.rescuer import RescueLoop, Rescuer
 
 if TYPE_CHECKING:

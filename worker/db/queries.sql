@@ -179,6 +179,15 @@ SELECT pg_notify('syncworker_alerts', %(payload)s);
 -- lost with its session is %(counted)s toward the job's max_abandons; a graceful stop's is not.
 SELECT syncworker.abandon_run(%(run_id)s, %(reason)s, %(counted)s) AS integration_id;
 
+-- name: announce_due
+-- Runs of this worker finished with a next slot (their finish sends no NOTIFY): tell every
+-- replica when the earliest idle job is due, on the database clock.
+SELECT pg_notify('syncworker', json_build_object(
+         'due_in', round(extract(epoch FROM min(next_sync_at) - clock_timestamp())::numeric, 3))::text)
+  FROM syncworker.integrations
+ WHERE enabled AND running_run_id IS NULL AND next_sync_at IS NOT NULL
+HAVING min(next_sync_at) IS NOT NULL;
+
 -- name: announce_runs
 -- Wake the leader's rescuer: this worker started running while none of its runs ran.
 SELECT pg_notify('syncworker', '{"runs_started": true}');

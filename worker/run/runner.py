@@ -38,6 +38,9 @@ class Runner:
     `PooledRunner` is the worker's: it takes the sessions from its pools and chains runs.
     """
 
+    # Called when a run ends with its job scheduled again (the worker tells its replicas).
+    on_scheduled: Callable[[], None] | None = None
+
     def __init__(
         self,
         *,
@@ -305,11 +308,13 @@ class Runner:
                 raise
             log.warning("run fenced off at commit, nothing committed: %s", exc.diag.message_primary)
             return "abandoned"
-        self._log_end(ending, result, failed_records)
+        self._ended(ending, result, failed_records)
         return ending.status
 
-    @staticmethod
-    def _log_end(ending: Ending, result: RunResult, failed_records: int) -> None:
+    def _ended(self, ending: Ending, result: RunResult, failed_records: int) -> None:
+        """Log how the run ended; say so if its job is scheduled again."""
+        if ending.plan.next_sync_at is not None and self.on_scheduled is not None:
+            self.on_scheduled()
         done = f"run finished: {ending.status}, {result.records_processed} records, {failed_records} failed"
         if ending.plan.disabled_reason:
             log.error("job disabled: %s", ending.plan.disabled_reason)

@@ -189,14 +189,17 @@ class Loader:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    async def prepare(self, create_columns: Mapping[str, str] | None = None) -> None:
+    async def prepare(
+        self, create_columns: Mapping[str, str] | None = None, *, fillfactor: int | None = None
+    ) -> None:
         """Create the table if asked, check it, and create the staging tables.
 
         `create_columns` (name -> type) is used when the destination has
-        `create_table` but no `columns` of its own (a mirror copies its source's).
+        `create_table` but no `columns` of its own (a mirror copies its source's);
+        `fillfactor`, the share of each page a table created here fills (room for updates).
         """
         if self.dest.create_table:
-            await self._create_table(self.dest.columns or dict(create_columns or {}))
+            await self._create_table(self.dest.columns or dict(create_columns or {}), fillfactor)
         self.types = await self._column_types()
         missing = [c for c in self.columns if c not in self.types]
         if missing:
@@ -231,7 +234,7 @@ class Loader:
             return
         await self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(self.stage, self.seen))
 
-    async def _create_table(self, columns: Mapping[str, str]) -> None:
+    async def _create_table(self, columns: Mapping[str, str], fillfactor: int | None = None) -> None:
         if not columns:
             raise ConfigError(
                 "destination.columns",
@@ -240,9 +243,12 @@ class Loader:
         defs = sql.SQL(", ").join(
             sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(type_)) for name, type_ in columns.items()
         )
+        storage: sql.Composable = sql.SQL("")
+        if fillfactor is not None:
+            storage = sql.SQL(" WITH (fillfactor = {})").format(sql.Literal(fillfactor))
         await self.conn.execute(
-            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
-                self.dest.identifier(), defs, self._cols(self.dest.key)
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({})){}").format(
+                self.dest.identifier(), defs, self._cols(self.dest.key), storage
             )
         )
 

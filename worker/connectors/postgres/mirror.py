@@ -24,11 +24,20 @@ from worker.connectors.postgres.tracking import (
     changed_since,
     cursor_problem,
     key_hash,
+    page_ranges,
+    pages_between,
 )
 
 # The first copy commits its batches (with the position they reach) at most this often: a
 # commit per batch costs more than the batch when batches are small.
 COPY_CHECKPOINT_SECONDS = 0.5
+# An incremental batch is applied when full or this long after it started; the rest of the
+# changes are read ahead meanwhile, up to this many bytes.
+BATCH_SECONDS = 0.05
+CHANGES_AHEAD = 1 << 23
+# A destination table the mirror creates leaves a tenth of each page free: a row the source
+# changes is then rewritten in its own page (a HOT update), with no new index entry.
+MIRROR_FILLFACTOR = 90
 _TIME_TYPES = re.compile(r"^(timestamp|date)")
 
 Conn = AsyncConnection[TupleRow]
@@ -47,6 +56,7 @@ class Mirror(Deletes):
         self.loader: Loader | None = None
         self.types: dict[str, str] = {}
         self.tracking = EVERYTHING
+        self.split_scan = False  # whether the source table can be read by ranges of pages
         # the destination was empty when the first copy started (no stale rows to find)
         self.fresh = False
         self.saved_at = 0.0  # when the copy last checkpointed (monotonic)
@@ -63,7 +73,7 @@ class Mirror(Deletes):
         loader = self.loader = Loader(
             self.dest, self.cfg.destination, ordered, self.ctx, soft_delete=self.cfg.deletes == "soft"
         )
-        await loader.prepare(create_columns={c: types[c] for c in ordered})
+        await loader.prepare(create_columns={c: types[c] for c in ordered}, fillfactor=MIRROR_FILLFACTOR)
         try:
             state = dict(self.ctx.state)
             copied = state.get("phase") != "incremental"
@@ -130,6 +140,8 @@ class Mirror(Deletes):
                 [self.source.regclass()],
             )
             row = await cur.fetchone()
+            # TID range scans came with PostgreSQL 14; a partitioned table's pages are its partitions'
+            self.split_scan = row is not None and row[0] == "r" and row[2] >= 140000
             # pg_current_snapshot() and xid8 came with PostgreSQL 13
             if row is not None and row[0] in ("r", "p") and not row[1] and row[2] >= 130000:
                 try:
@@ -312,59 +324,109 @@ class Mirror(Deletes):
 
     async def incremental(self, columns: list[str], state: dict[str, Any]) -> dict[str, Any]:
         """Every row changed since the saved cursor, read in one snapshot (left open for deletes)."""
-        where: sql.Composable = sql.SQL("TRUE")
-        params: list[Any] = []
         new = dict(state)
-        since: Any = None
         check_window: str | None = None
         if self.tracking == BY_XMIN:
-            cursor, xmax = await self.snapshot_cursor()
-            previous = state.get("xmin")
-            start = int(previous) if previous is not None else None
-            if start is not None and (problem := cursor_problem(start, xmax)) is not None:
-                self.ctx.log.warning("%s: %s; reading every row once", self.source.name, problem)
-                start = None
-            if start is not None:
-                where, params = changed_since(start)
-            since = f"transaction {start}" if start is not None else "the start"
-            new.pop("watermark", None)
-            new["xmin"] = str(cursor)
-            if self.cfg.deletes == "hard" and start is not None:
-                self.tombstones_cover = await self.apply_tombstones(start)
+            query, params, since = await self.changes_by_xmin(columns, new)
         else:
-            high = await self.high_water()
-            watermark = state.get("watermark")
-            if watermark is not None and self.source.updated_at is not None:
-                col = sql.Identifier(self.source.updated_at)
-                if self.window_checkable(columns):
-                    # after the watermark; the lookback window is compared, not read
-                    check_window = watermark
-                    where = sql.SQL("{} > %s::{}").format(col, sql.SQL(await self._updated_at_type()))
-                    params = [watermark]
-                    since = watermark
-                else:
-                    where = sql.SQL("{col} >= {since}").format(col=col, since=await self.since_expression())
-                    params = [watermark, self.lookback()]
-                    since = f"{watermark} (lookback {self.lookback()}s)"
-            new.pop("xmin", None)
-            if self.source.updated_at is not None:
-                new["watermark"] = high if high is not None else watermark
-        statement = sql.SQL("COPY (SELECT {cols} FROM {rel} WHERE {where}) TO STDOUT").format(
-            cols=self.select(columns), rel=self.source.relation(), where=where
-        )
-        stream = CopyStream(self.src.cursor().copy(statement, params or None), prefetch=True)
-        assert self.loader is not None
-        async with stream:
-            while not stream.done:
-                await self.loader.load_copy_data(stream.chunks(self.cfg.destination.batch_size))
-                await self.commit_data()
-        self.read += stream.rows
+            where, params, since, check_window = await self.changes_by_updated_at(columns, new)
+            query = sql.SQL("SELECT {cols} FROM {rel} WHERE {where}").format(
+                cols=self.select(columns), rel=self.source.relation(), where=where
+            )
+        statement = sql.SQL("COPY ({}) TO STDOUT").format(query)
+        changed = await self.load_changes(statement, params or None)
         self.ctx.log.info(
-            "incremental sync of %s: %s rows changed since %s", self.source.name, stream.rows, since
+            "incremental sync of %s: %s rows changed since %s", self.source.name, changed, since
         )
         if check_window is not None:
             await self.compare_window(columns, check_window)
         return new
+
+    async def changes_by_xmin(
+        self, columns: list[str], new: dict[str, Any]
+    ) -> tuple[sql.Composable, list[Any], str]:
+        """The query of the rows written since the saved cursor (in `new`, moved to this snapshot's).
+
+        A large table is read in ranges of pages, its end first: new row versions go there when
+        the pages before are full, so the first changes reach the destination early, and it
+        writes them while the rest of the table is scanned (in the same snapshot: each row
+        version is in one range).
+        """
+        cursor, xmax = await self.snapshot_cursor()
+        previous = new.get("xmin")
+        start = int(previous) if previous is not None else None
+        if start is not None and (problem := cursor_problem(start, xmax)) is not None:
+            self.ctx.log.warning("%s: %s; reading every row once", self.source.name, problem)
+            start = None
+        new.pop("watermark", None)
+        new["xmin"] = str(cursor)
+        select = sql.SQL("SELECT {cols} FROM {rel} WHERE {where}")
+        cols, rel = self.select(columns), self.source.relation()
+        if start is None:
+            return select.format(cols=cols, rel=rel, where=sql.SQL("TRUE")), [], "the start"
+        if self.cfg.deletes == "hard":
+            self.tombstones_cover = await self.apply_tombstones(start)
+        where, params = changed_since(start)
+        ranges = page_ranges(await self.table_pages()) if self.split_scan else [(None, None)]
+        parts = [
+            select.format(cols=cols, rel=rel, where=sql.SQL("{} AND {}").format(where, pages_between(*r)))
+            for r in ranges
+        ]
+        return sql.SQL(" UNION ALL ").join(parts), params * len(parts), f"transaction {start}"
+
+    async def table_pages(self) -> int:
+        cur = await self.src.execute(
+            "SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
+            [self.source.regclass()],
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def changes_by_updated_at(
+        self, columns: list[str], new: dict[str, Any]
+    ) -> tuple[sql.Composable, list[Any], Any, str | None]:
+        """The condition for the rows after the saved watermark (in `new`, moved to the source's
+        latest), its parameters, what it is since, and the lookback window to compare, if any."""
+        where: sql.Composable = sql.SQL("TRUE")
+        params: list[Any] = []
+        since: Any = None
+        check_window: str | None = None
+        high = await self.high_water()
+        watermark = new.get("watermark")
+        if watermark is not None and self.source.updated_at is not None:
+            col = sql.Identifier(self.source.updated_at)
+            if self.window_checkable(columns):
+                # after the watermark; the lookback window is compared, not read
+                check_window = watermark
+                where = sql.SQL("{} > %s::{}").format(col, sql.SQL(await self._updated_at_type()))
+                params = [watermark]
+                since = watermark
+            else:
+                where = sql.SQL("{col} >= {since}").format(col=col, since=await self.since_expression())
+                params = [watermark, self.lookback()]
+                since = f"{watermark} (lookback {self.lookback()}s)"
+        new.pop("xmin", None)
+        if self.source.updated_at is not None:
+            new["watermark"] = high if high is not None else watermark
+        return where, params, since, check_window
+
+    async def load_changes(self, statement: sql.Composed, params: list[Any] | None) -> int:
+        """Upsert the rows `statement` reads, batch by batch while it reads on; the number read.
+
+        The changed rows of a large table are few and far between: a batch is applied once it
+        is full or BATCH_SECONDS after it started, while the rest of the scan is read ahead
+        (up to CHANGES_AHEAD bytes), so the scan and the writes overlap.
+        """
+        assert self.loader is not None
+        stream = CopyStream(self.src.cursor().copy(statement, params), prefetch=True, ahead=CHANGES_AHEAD)
+        async with stream:
+            while not stream.done:
+                await self.loader.load_copy_data(
+                    stream.chunks(self.cfg.destination.batch_size, BATCH_SECONDS)
+                )
+                await self.commit_data()
+        self.read += stream.rows
+        return stream.rows
 
     def window_checkable(self, columns: list[str]) -> bool:
         """Whether the destination holds updated_at, so the lookback window can be compared."""
@@ -434,13 +496,7 @@ class Mirror(Deletes):
             statement = sql.SQL("COPY (SELECT {cols} FROM {rel} WHERE {where}) TO STDOUT").format(
                 cols=self.select(columns), rel=self.source.relation(), where=where
             )
-            stream = CopyStream(self.src.cursor().copy(statement, params), prefetch=True)
-            async with stream:
-                while not stream.done:
-                    await self.loader.load_copy_data(stream.chunks(self.cfg.destination.batch_size))
-                    await self.commit_data()
-            reread = stream.rows
-            self.read += reread
+            reread = await self.load_changes(statement, params)
         self.ctx.log.info(
             "lookback window of %s: %s of %s key buckets differ, %s rows read again (%.2fs)",
             self.source.name,

@@ -4,37 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 # Bytes of COPY data gathered per read from the source (rows arrive one message each).
 READ_BLOCK = 1 << 18
 READ_ROWS = 2048
-# Blocks read ahead of the destination's writes by the copy's stream.
-PREFETCH_BLOCKS = 4
+# A block is handed on after at most this long, however few rows it holds: the rows of a
+# sparse scan (the changed rows of a large table) reach the destination while it goes on.
+BLOCK_SECONDS = 0.02
+# Bytes read ahead of the destination's writes by a stream with prefetch (by default).
+PREFETCH_BYTES = 4 * READ_BLOCK
 
 
 def _gather(copy: Any, max_bytes: int) -> Any:
-    """A psycopg generator reading COPY rows until `max_bytes` (or READ_ROWS rows) are in hand."""
+    """A psycopg generator reading COPY rows until `max_bytes` (or READ_ROWS rows) are in
+    hand, or BLOCK_SECONDS have passed."""
     parts: list[Any] = []
     size = 0
+    deadline = time.monotonic() + BLOCK_SECONDS
     while size < max_bytes and len(parts) < READ_ROWS:
         data = yield from copy._read_gen()
         if not data:
             break
         parts.append(data)
         size += len(data)
+        if len(parts) % 16 == 0 and time.monotonic() >= deadline:
+            break
     return parts
+
+
+class _Later:
+    """What `_read` returns when no block came in time."""
+
+
+LATER = _Later()
 
 
 class CopyStream:
     """Raw `COPY … TO STDOUT` text data, handed out in batches cut at row boundaries.
 
-    With `prefetch`, a task reads ahead (at most PREFETCH_BLOCKS blocks) while the caller
-    writes what it has: reading the source and writing the destination overlap.
+    With `prefetch`, a task reads ahead (at most `ahead` bytes) while the caller writes
+    what it has: reading the source and writing the destination overlap.
     """
 
-    def __init__(self, copy: Any, *, prefetch: bool = False) -> None:
+    def __init__(self, copy: Any, *, prefetch: bool = False, ahead: int = PREFETCH_BYTES) -> None:
         self._copy = copy
         self._active: Any = None
         self._iter: AsyncIterator[Any] | None = None
@@ -46,13 +61,17 @@ class CopyStream:
         self._queue: asyncio.Queue[bytes | BaseException | None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
+        self._ahead = ahead
+        self._queued = 0  # bytes read ahead, not yet handed out
+        self._room = asyncio.Event()  # set when the reader may read another block
+        self._next: asyncio.Future[bytes | BaseException | None] | None = None  # a pending get
 
     async def __aenter__(self) -> CopyStream:
         self._copy_cm = self._copy
         copy = self._active = await self._copy_cm.__aenter__()
         self._iter = copy.__aiter__()
         if self._prefetch:
-            self._queue = asyncio.Queue(PREFETCH_BLOCKS)
+            self._queue = asyncio.Queue()  # bounded in bytes by the reader
             self._reader = asyncio.create_task(self._read_ahead())
         return self
 
@@ -60,30 +79,50 @@ class CopyStream:
         if self._reader is not None and not self._reader.done():
             # Let the reader finish the block it is reading (never cancel it inside psycopg).
             self._stopping = True
+            self._room.set()
             assert self._queue is not None
             while not self._reader.done():
                 while not self._queue.empty():
                     self._queue.get_nowait()
                 await asyncio.wait([self._reader], timeout=0.05)
+        if self._next is not None:
+            self._next.cancel()
         await self._copy_cm.__aexit__(*exc)
 
     async def _read_ahead(self) -> None:
         assert self._queue is not None
         try:
             while not self._stopping:
+                if self._queued >= self._ahead:
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
                 data = await self._read_block()
-                await self._queue.put(data)
+                self._queued += len(data or b"")
+                self._queue.put_nowait(data)
                 if data is None:
                     return
         except Exception as exc:  # handed to the consumer
-            await self._queue.put(exc)
+            self._queue.put_nowait(exc)
 
-    async def _read(self) -> bytes | None:
+    async def _read(self, within: float | None = None) -> bytes | _Later | None:
+        """The next block; LATER if a prefetched one has not come `within` seconds."""
         if self._queue is None:
             return await self._read_block()
-        got = await self._queue.get()
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._queue.get())
+        if within is not None and not self._next.done():
+            # the get stays pending, for the next call: nothing read ahead is lost
+            await asyncio.wait([self._next], timeout=max(within, 0))
+            if not self._next.done():
+                return LATER
+        got = await self._next
+        self._next = None
         if isinstance(got, BaseException):
             raise got
+        if got is not None:
+            self._queued -= len(got)
+            self._room.set()
         return got
 
     async def _read_block(self) -> bytes | None:
@@ -102,25 +141,33 @@ class CopyStream:
         except StopAsyncIteration:
             return None
 
-    async def chunks(self, max_rows: int | None = None) -> AsyncIterator[bytes]:
-        """Data of up to `max_rows` rows (all that is left without a limit), in large pieces."""
+    async def chunks(
+        self, max_rows: int | None = None, max_seconds: float | None = None
+    ) -> AsyncIterator[bytes]:
+        """Data of up to `max_rows` rows (all that is left without a limit), in large pieces;
+        with `max_seconds`, no more once that long has passed and some rows were handed out."""
         rows = 0
         pending = self._carry
         self._carry = b""
+        cut = None if max_seconds is None else time.monotonic() + max_seconds
         try:
             while max_rows is None or rows < max_rows:
                 if pending:
                     data, pending = pending, b""
                 else:
-                    read = await self._read()
+                    wait = None if cut is None or not rows else cut - time.monotonic()
+                    read = await self._read(wait)
+                    if read is LATER:
+                        break
                     if read is None:
                         self.done = True
                         break
+                    assert isinstance(read, bytes)
                     data = read
                 n = data.count(b"\n")
                 if max_rows is not None and rows + n > max_rows:
-                    cut = _nth_newline(data, max_rows - rows) + 1
-                    data, self._carry = data[:cut], data[cut:]
+                    at = _nth_newline(data, max_rows - rows) + 1
+                    data, self._carry = data[:at], data[at:]
                     n = max_rows - rows
                 rows += n
                 self._remember_last(data)

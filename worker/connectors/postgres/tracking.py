@@ -27,6 +27,8 @@ Three tools, all read-only on the source:
 
 from __future__ import annotations
 
+import itertools
+
 from psycopg import sql
 
 # How a run finds what changed: by `xmin` (a table on a primary), by `updated_at` after a
@@ -36,6 +38,11 @@ BY_XMIN, BY_UPDATED_AT, EVERYTHING = "xmin", "updated_at", "everything"
 # A saved cursor this many transactions behind the current one is too old for 32-bit xmin
 # comparisons (they wrap at 2^31): the table is read in full once instead.
 MAX_CURSOR_AGE = (1 << 31) - (1 << 27)
+
+# A table of at least SPLIT_PAGES pages is read for its changes in SCAN_PARTS ranges of
+# pages, the last first (see `page_ranges`).
+SPLIT_PAGES = 1024
+SCAN_PARTS = 8
 
 TOMBSTONES = "syncworker_tombstones"
 HORIZON = "syncworker_tombstone_horizon"
@@ -61,6 +68,28 @@ def changed_since(cursor: int) -> tuple[sql.Composable, list[str]]:
     """
     low = str(cursor % (1 << 32))
     return sql.SQL("age(xmin) BETWEEN 0 AND age(%s::xid)"), [low]
+
+
+def page_ranges(pages: int) -> list[tuple[int | None, int | None]]:
+    """A table of `pages` pages as ranges of pages [from, to), the end of the table first.
+
+    The first range has no upper bound and the last no lower one: each row version is in
+    exactly one of them, however the table grows.  A small table is one range.
+    """
+    if pages < SPLIT_PAGES:
+        return [(None, None)]
+    bounds: list[int | None] = [None, *(pages * i // SCAN_PARTS for i in range(1, SCAN_PARTS)), None]
+    return list(itertools.pairwise(bounds))[::-1]
+
+
+def pages_between(first: int | None, end: int | None) -> sql.Composable:
+    """The condition for row versions in pages `first` to `end` (excluded); either may be open."""
+    parts = [
+        sql.SQL("ctid {} {}::tid").format(sql.SQL(op), sql.Literal(f"({page},0)"))
+        for op, page in ((">=", first), ("<", end))
+        if page is not None
+    ]
+    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("TRUE")
 
 
 def cursor_problem(cursor: int, snapshot_xmax: int) -> str | None:

@@ -100,7 +100,7 @@ def test_check_lists_every_invalid_row_and_runs_nothing(jobdb: str) -> None:
     add_job(jobdb, "badimport", "python", {"callable": "jobs.missing:run"})
     result = cli(jobdb, "check")
     assert result.returncode == 1
-    out = result.stdout.splitlines()
+    out = result.stdout.partition("environment:\n")[0].splitlines()  # the rows, before that section
     assert len(out) == 2
     assert out[0].startswith("nostatement: query: unknown setting")
     assert out[1].startswith('typo: kind: unknown kind "sqll"')
@@ -447,6 +447,6 @@ def test_check_reports_rows_that_would_crash_a_parser_without_a_traceback(jobdb:
     add_job(jobdb, "pg-null", "postgres", {"source": None}, interval_seconds=60)
     result = cli(jobdb, "check")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result
-    lines = sorted(result.stdout.strip().splitlines())
+    lines = sorted(result.stdout.partition("environment:\n")[0].strip().splitlines())
     assert [line.split(":")[0] for line in lines] == ["badurl", "nulls", "pg-null"]
     assert "statement: expected" in result.stdout and "got null" in result.stdout

@@ -110,3 +110,12 @@ async def where_am_i_async(ctx: RunContext) -> RunResult:
 async def uses_conn(ctx: RunContext) -> RunResult:
     await ctx.conn.execute("SELECT 1")
     return RunResult()
+
+
+async def idles_in_its_transaction(ctx: RunContext) -> RunResult:
+    """Sets a short idle_in_transaction_session_timeout on the run's session, then works
+    longer than that without a statement: the server ends the session under the run."""
+    await ctx.conn.execute("SET idle_in_transaction_session_timeout = '300ms'")
+    await asyncio.sleep(float(ctx.config.options.get("seconds", 2)))
+    await ctx.conn.execute("SELECT 1")
+    return RunResult(records_processed=1)

@@ -336,6 +336,36 @@ def test_a_statement_the_server_cancels_on_a_timeout_fails_the_run_as_server_tim
     assert cut.replace("_", " ") in runs(jobdb, "cut")[0]["error"]
 
 
+def test_a_run_session_the_server_ends_on_an_idle_timeout_records_server_timeout(
+    jobdb: str, tmp_path: Path
+) -> None:
+    """The job set the timeout itself: the run's session is ended under it.  Whether the
+    runner (the run fails) or a rescuer (the run is abandoned, and counted toward
+    max_abandons) notices first, each such run says why: a server_timeout error."""
+    add_job(
+        jobdb,
+        "idler",
+        "python",
+        {"callable": "jobs:idles_in_its_transaction", "options": {"seconds": 2}},
+        interval_seconds=3600,
+        max_retries=0,
+    )
+
+    def explained() -> list[dict[str, Any]]:
+        return rows(
+            jobdb,
+            "SELECT r.id, r.status, e.message FROM syncworker.sync_runs r JOIN syncworker.sync_errors e "
+            "ON e.run_id = r.id AND e.error_type = 'server_timeout' ORDER BY r.id",
+        )
+
+    with workers(jobdb, tmp_path, 1):
+        wait_for(lambda: len(explained()) >= 2, timeout=30, what="two runs ended by the server")
+    found = explained()
+    assert [r["id"] for r in found[:2]] == [1, 2]
+    assert {r["status"] for r in found} <= {"failed", "abandoned"}
+    assert all("idle-in-transaction timeout" in r["message"] for r in found)
+
+
 # -- 4. where it may run -----------------------------------------------------------------------------
 
 

@@ -31,9 +31,9 @@ from worker.connectors.postgres.tracking import (
 # The first copy commits its batches (with the position they reach) at most this often: a
 # commit per batch costs more than the batch when batches are small.
 COPY_CHECKPOINT_SECONDS = 0.5
-# An incremental batch is applied when full or this long after it started; the rest of the
-# changes are read ahead meanwhile, up to this many bytes.
-BATCH_SECONDS = 0.05
+# An incremental batch is applied when full or this long after its first row; the rest of
+# the changes are read ahead meanwhile, up to this many bytes.
+BATCH_SECONDS = 0.03
 CHANGES_AHEAD = 1 << 23
 # A destination table the mirror creates leaves a tenth of each page free: a row the source
 # changes is then rewritten in its own page (a HOT update), with no new index entry.
@@ -414,7 +414,7 @@ class Mirror(Deletes):
         """Upsert the rows `statement` reads, batch by batch while it reads on; the number read.
 
         The changed rows of a large table are few and far between: a batch is applied once it
-        is full or BATCH_SECONDS after it started, while the rest of the scan is read ahead
+        is full or BATCH_SECONDS after its first row, while the rest of the scan is read ahead
         (up to CHANGES_AHEAD bytes), so the scan and the writes overlap.
         """
         assert self.loader is not None

@@ -145,17 +145,17 @@ class CopyStream:
         self, max_rows: int | None = None, max_seconds: float | None = None
     ) -> AsyncIterator[bytes]:
         """Data of up to `max_rows` rows (all that is left without a limit), in large pieces;
-        with `max_seconds`, no more once that long has passed and some rows were handed out."""
+        with `max_seconds`, no more once that long has passed since the first of them."""
         rows = 0
         pending = self._carry
         self._carry = b""
-        cut = None if max_seconds is None else time.monotonic() + max_seconds
+        cut: float | None = None  # when the batch ends, from its first row
         try:
             while max_rows is None or rows < max_rows:
                 if pending:
                     data, pending = pending, b""
                 else:
-                    wait = None if cut is None or not rows else cut - time.monotonic()
+                    wait = None if cut is None else cut - time.monotonic()
                     read = await self._read(wait)
                     if read is LATER:
                         break
@@ -170,6 +170,8 @@ class CopyStream:
                     data, self._carry = data[:at], data[at:]
                     n = max_rows - rows
                 rows += n
+                if cut is None and max_seconds is not None and n:
+                    cut = time.monotonic() + max_seconds
                 self._remember_last(data)
                 yield data
         finally:

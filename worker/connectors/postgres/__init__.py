@@ -8,7 +8,8 @@ incremental.  How they find the changed rows depends on the source:
 * a table on a primary (the usual case): the rows written by transactions the previous
   run's snapshot could not see, found by their `xmin` (see `tracking`).  No
   clock is trusted: a transaction that commits late, or stamps `updated_at` from a skewed
-  clock, is read all the same, and rows written long ago are never read again;
+  clock, is read all the same, and rows written long ago are never read again.  The
+  changed rows are written while the scan goes on, a large table's last pages first;
 * a query, a view, a foreign table or a standby: every row whose `updated_at` is after the
   saved watermark; the rows within the lookback window before it are compared with the
   destination's per key bucket, and the buckets that differ are read again (rows sharing

@@ -532,6 +532,18 @@ SELECT a.id, a.kind, a.integration_id, i.name AS integration, a.run_id, a.summar
  ORDER BY a.opened_at, a.id
  LIMIT 200;
 
+-- name: leader_seen
+-- Every replica, when alerts are configured: does a live replica say it leads?
+SELECT EXISTS (SELECT 1 FROM syncworker.workers w
+                WHERE w.leader AND w.stopped_at IS NULL AND syncworker.lock_held('worker', w.id)) AS led;
+
+-- name: open_no_leader
+-- A replica that has seen no leader for long enough opens the fleet's no_leader incident;
+-- the one whose insert opened it gets the row back and delivers it.
+INSERT INTO syncworker.alerts (kind, summary) VALUES ('no_leader', %(summary)s)
+ON CONFLICT (kind) WHERE kind = 'no_leader' AND closed_at IS NULL DO NOTHING
+RETURNING id, kind, integration_id, NULL::text AS integration, run_id, summary, opened_at, closed_at;
+
 -- name: alert_delivered
 -- Leader, alert delivery: a message went out (or was given up), or an attempt failed.
 UPDATE syncworker.alerts

@@ -526,7 +526,7 @@ SELECT a.id, a.kind, a.integration_id, i.name AS integration, a.run_id, a.summar
        CASE WHEN a.sent_at IS NULL AND (a.closed_at IS NULL OR a.kind = 'rescued') THEN 'open'
             WHEN a.sent_at IS NULL THEN 'skip'
             ELSE 'recovered' END AS event
-  FROM syncworker.alerts a JOIN syncworker.integrations i ON i.id = a.integration_id
+  FROM syncworker.alerts a LEFT JOIN syncworker.integrations i ON i.id = a.integration_id
  WHERE a.sent_at IS NULL
     OR (a.closed_at IS NOT NULL AND a.recovery_sent_at IS NULL AND a.kind <> 'rescued')
  ORDER BY a.opened_at, a.id

@@ -503,8 +503,10 @@ def main() -> None:
                 "`duration_ms`. The raw pipe (`COPY TO STDOUT` into `COPY FROM STDIN`, a table with the",
                 "same primary key) is measured just before and just after the first run. Peak RSS is",
                 "the run-once process's own (started from a small wrapper: a child forked from the",
-                "benchmark itself would count the benchmark's memory as its own). Most of an incremental",
-                "run is the destination applying the changed rows: compare the source's own UPDATE.",
+                "benchmark itself would count the benchmark's memory as its own). An incremental run is",
+                "one scan of the source (the run where nothing changed) with the destination's writes of",
+                "the changed rows overlapped: compare the source's own UPDATE of them. The machine is",
+                "shared: runs vary by a third or more from one turn to the next.",
             ],
         )
         if args.only == "mirror":

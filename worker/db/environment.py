@@ -85,14 +85,22 @@ async def _connect(url: str, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
     return await psycopg.AsyncConnection.connect(url, autocommit=True, **kwargs)
 
 
-async def _ours(url: str) -> tuple[psycopg.AsyncConnection[Any], OptionsState]:
-    """A session opened as the worker opens its own, and whether its startup options took."""
+async def _open_own(url: str, application_name: str) -> tuple[psycopg.AsyncConnection[Any], bool]:
+    """A session opened as the worker opens its own, with its startup options; without them
+    if the way to the server refuses them (PgBouncer: "unsupported startup parameter")."""
     try:
-        conn = await _connect(url, **db.session_kwargs(url, "syncworker probe"))
+        return await _connect(url, **db.session_kwargs(url, application_name)), False
     except psycopg.OperationalError as exc:
         if "unsupported startup parameter" not in str(exc):
             raise
-        return await _connect(url, **db.connect_kwargs("syncworker probe")), "refused"
+    return await _connect(url, **db.connect_kwargs(application_name)), True
+
+
+async def _ours(url: str) -> tuple[psycopg.AsyncConnection[Any], OptionsState]:
+    """A session opened as the worker opens its own, and whether its startup options took."""
+    conn, refused = await _open_own(url, "syncworker probe")
+    if refused:
+        return conn, "refused"
     cur = await conn.execute(Q["environment_settings"], {"names": list(_CHECKED)})
     seen = {str(name): str(value) for name, value in await cur.fetchall()}
     applied = all(seen.get(name) == db.SERVER_SETTINGS[name] for name in _CHECKED)
@@ -103,12 +111,7 @@ async def connect_own(url: str, application_name: str) -> psycopg.AsyncConnectio
     """A session with the worker's settings, for a command that runs jobs outside the worker
     (`run-once`): startup options where the server gets them, SET as well in case a pooler
     dropped them on the way."""
-    try:
-        conn = await _connect(url, **db.session_kwargs(url, application_name))
-    except psycopg.OperationalError as exc:
-        if "unsupported startup parameter" not in str(exc):
-            raise
-        conn = await _connect(url, **db.connect_kwargs(application_name))
+    conn, _ = await _open_own(url, application_name)
     await conn.execute(db.settings_statement())
     return conn
 
@@ -128,9 +131,10 @@ async def probe(url: str) -> Environment:
 
     Sessions are stable when two sessions open at once keep their own backend each across
     transactions, and a session setting set in one transaction is there in the next.  A
-    transaction pooler hands transactions to whichever server connection is free: with one
-    server connection both sessions share its backend, with more a session's next
-    transaction lands elsewhere, so the sequence below fails either way.
+    transaction pooler hands each transaction to a free server connection: with one, or
+    handing out the one used last (PgBouncer's default), both sessions get the same backend;
+    handing them out in turn, one session's consecutive transactions get different ones.
+    Either way the sequence below tells, without relying on luck.
     """
     plain = await _connect(url, **db.connect_kwargs("syncworker probe"))
     try:
@@ -163,7 +167,8 @@ async def probe(url: str) -> Environment:
             await ours.close()
     finally:
         await plain.close()
-    stable = len(set(a)) == 1 and a[0][1] == token and len(set(b)) == 1 and a[0][0] != b[0][0]
+    # `a` starts with the first backend and the mark: one value means both stayed.
+    stable = len(set(a)) == 1 and len(set(b)) == 1 and a[0][0] != b[0][0]
     return replace(env, options=options, stable=stable)
 
 

@@ -142,7 +142,8 @@ def test_a_row_written_before_the_checks_existed_is_disabled_not_looped(jobdb: s
     # Rows older than the database's checks: the worker must cope with them too.
     execute(
         jobdb,
-        """ALTER TABLE syncworker.integrations DISABLE TRIGGER integrations_before_write;
+        """ALTER TABLE syncworker.integrations DISABLE TRIGGER integrations_before_write,
+                                               DISABLE TRIGGER integrations_before_update;
            INSERT INTO syncworker.integrations (name, kind, config, cron, next_sync_at)
            VALUES ('feb31', 'sql', '{"statement": "SELECT 1"}', '0 0 31 2 *', now()),
                   ('bad-cron', 'sql', '{"statement": "SELECT 1"}', 'not a cron', now()),
@@ -150,7 +151,8 @@ def test_a_row_written_before_the_checks_existed_is_disabled_not_looped(jobdb: s
            UPDATE syncworker.integrations SET timezone = 'Mars/Olympus' WHERE name = 'bad-zone';
            INSERT INTO syncworker.integrations (name, kind, config, interval_seconds, next_sync_at)
            VALUES (repeat('x', 9000), 'garbage', '{}', 5, now());
-           ALTER TABLE syncworker.integrations ENABLE TRIGGER integrations_before_write;""",
+           ALTER TABLE syncworker.integrations ENABLE TRIGGER integrations_before_write,
+                                               ENABLE TRIGGER integrations_before_update;""",
     )
     with workers(jobdb, tmp_path, 1) as procs:
         wait_for(
@@ -415,7 +417,7 @@ def test_hostile_statements_in_sql_jobs_leak_no_lock_and_stall_no_other_job(
         assert counts[f"control{i}"]["ok"] >= seconds - 4, counts[f"control{i}"]
     for name in HOSTILE:
         assert counts[name]["abandoned"] <= 1, (name, counts[name])
-    assert "run task crashed" not in output and "Traceback" not in output
+    assert "run task crashed" not in output and "Traceback" not in output, output[-3000:]
     assert stuck == 0
 
 

@@ -11,6 +11,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from helpers import one, rows
+from worker.services import leadership
 from worker.services.base import Service, supervise
 from worker.services.heartbeat import Heartbeat
 from worker.services.leadership import Leadership
@@ -35,12 +36,12 @@ class Rounds(Service):
 
 
 def waiting_for_a_lock(url: str) -> bool:
-    """Does a session of this database wait for an advisory lock (the standby's)?"""
+    """Has a second session of this database tried for the leader lock (a standby)?"""
     return bool(
         one(
             url,
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+            "AND application_name = 'syncworker leader' AND query LIKE '%pg_try_advisory_lock%'",
         )
     )
 
@@ -101,8 +102,8 @@ def test_leadership_passes_to_the_standby_when_the_leader_stops(db: str) -> None
         one_task = asyncio.create_task(first.run())
         await eventually(lambda: first.is_leader, "the first to lead")
         two_task = asyncio.create_task(second.run())
-        await eventually(lambda: waiting_for_a_lock(db), "the standby to wait for the lock")
-        assert not second.is_leader  # waiting inside Postgres for the lock
+        await eventually(lambda: waiting_for_a_lock(db), "the standby to try for the lock")
+        assert not second.is_leader  # it tried, and the first holds the lock
         one_task.cancel()
         await asyncio.gather(one_task, return_exceptions=True)
         await eventually(lambda: second.is_leader, "the standby to lead")
@@ -111,6 +112,35 @@ def test_leadership_passes_to_the_standby_when_the_leader_stops(db: str) -> None
         return seen
 
     assert asyncio.run(main()) == ["first leads", "first stands by", "second leads", "second stands by"]
+
+
+def test_neither_the_leader_nor_a_standby_holds_a_snapshot(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot held by a long statement keeps every row version deleted after it: in a
+    burst of claims each would walk past all the jobs claimed before.  The leader beats and
+    keeps leading, the standby keeps trying; neither session pins the cleanup horizon."""
+    monkeypatch.setattr(leadership, "LEADER_BEAT", 0.05)
+
+    async def main() -> None:
+        first = Leadership(db, lambda leading: None)
+        second = Leadership(db, lambda leading: None)
+        tasks = [asyncio.create_task(first.run())]
+        await eventually(lambda: first.is_leader, "the first to lead")
+        tasks.append(asyncio.create_task(second.run()))
+        await eventually(lambda: waiting_for_a_lock(db), "the standby to try for the lock")
+        await asyncio.sleep(0.5)  # ten beats: each one a statement in the leader's transaction
+        assert first.is_leader and not second.is_leader
+        sessions = rows(
+            db,
+            "SELECT state, backend_xmin, backend_xid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'syncworker leader'",
+        )
+        assert len(sessions) == 2
+        assert all(s["backend_xmin"] is None and s["backend_xid"] is None for s in sessions), sessions
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
 
 
 def test_the_heartbeat_writes_what_the_replica_does_and_a_leader_clears_stale_leader_flags(db: str) -> None:

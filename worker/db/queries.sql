@@ -50,14 +50,16 @@ UPDATE syncworker.workers
 UPDATE syncworker.workers SET stopped_at = now(), leader = false, running = 0
  WHERE id = %(worker_id)s;
 
--- name: wait_for_leadership
--- Blocks until this session is the leader; returns at once when no one else is.
-SELECT pg_advisory_lock(syncworker.lock_key('leader'), 0);
+-- name: try_leadership
+-- A standby's look (every few seconds): take the leader lock if no one holds it.  No standby
+-- waits inside a statement: a statement that waits holds a snapshot, and a snapshot keeps
+-- every row version deleted after it from being cleaned up (claims would walk past them all).
+SELECT pg_try_advisory_lock(syncworker.lock_key('leader'), 0);
 
 -- name: stay_leader
--- The leader's proof of life: its session sleeps in short statements, and the server ends a
--- session left idle between them (idle_session_timeout), so a frozen leader is replaced.
-SELECT pg_sleep(%(seconds)s);
+-- The leader's proof of life, a statement that takes no snapshot: the server ends a session
+-- left idle for longer than its idle_session_timeout, so a frozen leader is replaced.
+SET syncworker.leader_alive = on;
 
 -- name: claim
 -- (config and state come back as text, parsed job by job: a row Python cannot read, say

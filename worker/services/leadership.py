@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -14,21 +15,26 @@ from worker.services.base import SessionService
 
 log = logging.getLogger("syncworker.leadership")
 
-# The leader's session sleeps LEADER_SLEEP seconds per statement; idle longer than
-# LEADER_IDLE_TIMEOUT between two of them, the server ends it: a frozen leader is replaced
-# within about LEADER_SLEEP + LEADER_IDLE_TIMEOUT seconds.
-LEADER_SLEEP = 6.0
-LEADER_IDLE_TIMEOUT = 3.0
+# The leader sends a short statement every LEADER_BEAT seconds; idle longer than
+# LEADER_IDLE_TIMEOUT, the server ends its session: a frozen leader is replaced within about
+# LEADER_IDLE_TIMEOUT + STANDBY_POLL seconds, and an event loop may stall for
+# LEADER_IDLE_TIMEOUT - LEADER_BEAT seconds without losing leadership.  Standbys try for the
+# lock every STANDBY_POLL seconds.
+LEADER_BEAT = 5.0
+LEADER_IDLE_TIMEOUT = 8.0
+STANDBY_POLL = 1.5
 
 
 class Leadership(SessionService):
     """Holds the leader lock on a session of its own.
 
-    Standbys block in pg_advisory_lock, so a dead leader is replaced the moment
-    Postgres closes its session: no polling, no lease to expire.  A leader that is
-    alive but frozen (a paused VM, a stuck extension) is replaced too: its session
-    sleeps in short statements, and the server ends it once it sits idle between
-    them for longer than `LEADER_IDLE_TIMEOUT` (idle_session_timeout).
+    The leader holds an advisory lock on a session of its own; standbys try for it every
+    `STANDBY_POLL` seconds, so a dead leader is replaced within that time of Postgres closing
+    its session.  A leader that is alive but frozen (a paused VM, a stuck extension) is
+    replaced too: it sends a short statement every `LEADER_BEAT` seconds, and the server
+    ends its session once it sits idle for longer than `LEADER_IDLE_TIMEOUT`.  No statement
+    of either waits or sleeps in the server, so neither holds a snapshot that would keep
+    dead rows from being cleaned up.
     """
 
     name = "leader"
@@ -52,7 +58,10 @@ class Leadership(SessionService):
             self.url,
             autocommit=True,
             **db.session_kwargs(
-                self.url, self.application_name, by_set=self.by_set, idle_session_timeout=idle
+                self.url,
+                self.application_name,
+                by_set=self.by_set,
+                idle_session_timeout=idle,
             ),
         )
         if self.by_set:
@@ -60,10 +69,16 @@ class Leadership(SessionService):
         return conn
 
     async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(Q["wait_for_leadership"])
+        # A standby's looks, more often than LEADER_IDLE_TIMEOUT, keep its session too.
+        while True:
+            row = await (await conn.execute(Q["try_leadership"])).fetchone()
+            if row is not None and row[0]:
+                break
+            await asyncio.sleep(STANDBY_POLL)
         self._set(True)
         while True:  # fails as soon as the session does
-            await conn.execute(Q["stay_leader"], {"seconds": LEADER_SLEEP})
+            await asyncio.sleep(LEADER_BEAT)
+            await conn.execute(Q["stay_leader"])
 
     def lost(self) -> None:
         self._set(False)

@@ -57,9 +57,10 @@ UPDATE syncworker.workers SET stopped_at = now(), leader = false, running = 0
 SELECT pg_try_advisory_lock(syncworker.lock_key('leader'), 0);
 
 -- name: stay_leader
--- The leader's proof of life, a statement that takes no snapshot: the server ends a session
--- left idle for longer than its idle_session_timeout, so a frozen leader is replaced.
-SET syncworker.leader_alive = on;
+-- The leader's proof of life, in the transaction its session keeps open, a statement that
+-- takes no snapshot: the server ends a session idle in its transaction for longer than its
+-- idle_in_transaction_session_timeout, so a frozen leader is replaced.
+SET LOCAL syncworker.leader_alive = on;
 
 -- name: claim
 -- (config and state come back as text, parsed job by job: a row Python cannot read, say

@@ -15,13 +15,14 @@ from worker.services.base import SessionService
 
 log = logging.getLogger("syncworker.leadership")
 
-# The leader sends a short statement every LEADER_BEAT seconds; idle longer than
-# LEADER_IDLE_TIMEOUT, the server ends its session: a frozen leader is replaced within about
-# LEADER_IDLE_TIMEOUT + STANDBY_POLL seconds, and an event loop may stall for
+# The leader's session keeps one transaction open (no snapshot, no transaction id: it holds
+# nothing back) and sends a short statement in it every LEADER_BEAT seconds; idle in it for
+# longer than LEADER_IDLE_TIMEOUT, the server ends the session: a frozen leader is replaced
+# within about LEADER_IDLE_TIMEOUT + STANDBY_POLL seconds, and an event loop may stall for
 # LEADER_IDLE_TIMEOUT - LEADER_BEAT seconds without losing leadership.  Standbys try for the
 # lock every STANDBY_POLL seconds.
-LEADER_BEAT = 5.0
-LEADER_IDLE_TIMEOUT = 8.0
+LEADER_BEAT = 4.0
+LEADER_IDLE_TIMEOUT = 7.0
 STANDBY_POLL = 1.5
 
 
@@ -31,10 +32,11 @@ class Leadership(SessionService):
     The leader holds an advisory lock on a session of its own; standbys try for it every
     `STANDBY_POLL` seconds, so a dead leader is replaced within that time of Postgres closing
     its session.  A leader that is alive but frozen (a paused VM, a stuck extension) is
-    replaced too: it sends a short statement every `LEADER_BEAT` seconds, and the server
-    ends its session once it sits idle for longer than `LEADER_IDLE_TIMEOUT`.  No statement
-    of either waits or sleeps in the server, so neither holds a snapshot that would keep
-    dead rows from being cleaned up.
+    replaced too: it sends a short statement every `LEADER_BEAT` seconds inside a
+    transaction it keeps open, and the server ends its session once it sits idle in that
+    transaction for longer than `LEADER_IDLE_TIMEOUT`.  No statement of either waits or
+    sleeps in the server, and the open transaction has neither a snapshot nor a transaction
+    id, so neither session keeps dead rows from being cleaned up; the beats commit nothing.
     """
 
     name = "leader"
@@ -61,14 +63,15 @@ class Leadership(SessionService):
                 self.url,
                 self.application_name,
                 by_set=self.by_set,
-                idle_session_timeout=idle,
+                idle_in_transaction_session_timeout=idle,
             ),
         )
         if self.by_set:
-            await conn.execute(db.settings_statement(idle_session_timeout=idle))
+            await conn.execute(db.settings_statement(idle_in_transaction_session_timeout=idle))
         return conn
 
     async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(b"BEGIN")
         # A standby's looks, more often than LEADER_IDLE_TIMEOUT, keep its session too.
         while True:
             row = await (await conn.execute(Q["try_leadership"])).fetchone()

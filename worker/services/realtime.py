@@ -26,7 +26,7 @@ log = logging.getLogger("syncworker.realtime")
 COALESCE_SECONDS = 0.2
 # The set of real-time jobs is read again when a trigger says one was added, changed,
 # enabled or disabled (NOTIFY `realtime_jobs`), and at least this often.
-RELOAD_SECONDS = 30.0
+RELOAD_SECONDS = 300.0  # a change to a real-time job wakes it at once (NOTIFY)
 
 Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
 # (dsn, channel) -> payload -> integration ids

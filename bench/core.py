@@ -136,7 +136,7 @@ def dispatch_latency(url: str, triggers: int, gap: float) -> list[float]:
     sql(
         url,
         """UPDATE syncworker.integrations SET config = jsonb_build_object('statement',
-             format('INSERT INTO public.bench_started VALUES (%%L, clock_timestamp())', name))""",
+             format('INSERT INTO public.bench_started VALUES (%L, clock_timestamp())', name))""",
     )
     committed: dict[str, float] = {}
     with psycopg.connect(url, autocommit=True) as conn:

@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from worker import secrets
 from worker.connectors.config import ConfigError, check_secret, reject_unknown, require
 
@@ -38,6 +36,8 @@ class RedisInvalidate:
 
     async def run(self) -> str:
         """Unlink every matching key; returns what was done, for the log."""
+        import redis.asyncio as aioredis  # here: a worker without such hooks never loads redis
+
         client = aioredis.Redis.from_url(
             secrets.resolve(self.url, f"{KEY}.redis_invalidate.url"),
             socket_timeout=10,

@@ -9,11 +9,13 @@
 --   job's definition, its schedule, enabling, or next_sync_at while no run holds the row.
 --   updated_at is therefore the time of the last such change, not of the last run;
 -- * integrations_paused fires only when there is a paused_at to clear;
--- * the wake-up NOTIFY of an UPDATE is sent when a row becomes due for someone else: an idle
---   row rescheduled, enabled or triggered, or a run that ends with its job due at once (a
---   trigger that came during the run, a rescue).  A finished run's later slot is the
---   finishing worker's to wake for; it tells the other replicas outside the run's
---   transaction, at most a few times a second.
+-- * the wake-up NOTIFY of an UPDATE is sent when an idle row is rescheduled, enabled or
+--   triggered, and when a run ends with its job due within 5 minutes (a trigger that came
+--   during the run, a rescue, a frequent schedule: the replicas must know that slot even if
+--   the finishing one freezes the next moment).  A run that ends with its job due later (an
+--   hourly or daily job, a burst of manual runs) sends none: the finishing worker tells the
+--   other replicas outside the run's transaction, at most a few times a second, and each
+--   replica looks at the table at least every --poll-interval anyway.
 
 DROP TRIGGER integrations_before_write ON syncworker.integrations;
 CREATE TRIGGER integrations_before_write BEFORE INSERT ON syncworker.integrations
@@ -51,5 +53,5 @@ CREATE TRIGGER integrations_notify_update AFTER UPDATE ON syncworker.integration
   WHEN (NEW.enabled AND NEW.running_run_id IS NULL AND NEW.next_sync_at IS NOT NULL
         AND CASE WHEN OLD.running_run_id IS NULL
                  THEN OLD.next_sync_at IS DISTINCT FROM NEW.next_sync_at OR NOT OLD.enabled
-                 ELSE NEW.next_sync_at <= now() END)
+                 ELSE NEW.next_sync_at <= now() + interval '5 minutes' END)
   EXECUTE FUNCTION syncworker.notify_due_row();

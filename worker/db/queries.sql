@@ -183,8 +183,9 @@ SELECT pg_notify('syncworker_alerts', %(payload)s);
 SELECT syncworker.abandon_run(%(run_id)s, %(reason)s, %(counted)s) AS integration_id;
 
 -- name: announce_due
--- Runs of this worker finished with a next slot (their finish sends no NOTIFY): tell every
--- replica when the earliest idle job is due, on the database clock.
+-- Runs of this worker finished with a next slot (a finish sends no NOTIFY for a slot more
+-- than 5 minutes away): tell every replica when the earliest idle job is due, on the
+-- database clock.
 SELECT pg_notify('syncworker', json_build_object(
          'due_in', round(extract(epoch FROM min(next_sync_at) - clock_timestamp())::numeric, 3))::text)
   FROM syncworker.integrations

@@ -1,10 +1,11 @@
 """Telling the other replicas when this one's finished runs are next due.
 
-A run's finish reschedules a job next due in more than 5 minutes without a NOTIFY (one inside
-the run's transaction would serialise every notifying commit of the server).  The worker that finished it wakes for the
-slot on its own; the others learn it from this service: after runs finished with a next slot,
-one statement NOTIFYs the earliest due time of the whole table, at most every `gap` seconds.
-So a replica that dies with jobs scheduled leaves no slot unknown to the others."""
+A finish reschedules a job next due in more than 5 minutes without a NOTIFY (one inside the
+run's transaction would serialise every notifying commit of the server).  The worker that
+finished it wakes for the slot on its own; the others learn it from this service: after runs
+finished with a next slot, one statement NOTIFYs the earliest due time of the whole table, at
+most every `gap` seconds.  So a replica that dies with jobs scheduled leaves no slot unknown
+to the others."""
 
 from __future__ import annotations
 

@@ -220,7 +220,11 @@ def test_job_errors_in_the_child_keep_their_error_types(jobdb: str, tmp_path: Pa
     assert found["odd"]["error_type"] == "bad_result" and "returned int" in found["odd"]["error"]
     assert found["quitter"]["error_type"] == "exception" and "SystemExit(3)" in found["quitter"]["error"]
     assert found["typo"]["error_type"] == "config_invalid" and "no_such_function" in found["typo"]["error"]
-    detail = one(jobdb, "SELECT detail FROM syncworker.sync_errors WHERE error_type = 'exception' LIMIT 1")
+    detail = one(
+        jobdb,
+        "SELECT e.detail FROM syncworker.sync_errors e JOIN syncworker.integrations i "
+        "ON i.id = e.integration_id WHERE i.name = 'raises' AND e.error_type = 'exception'",
+    )
     assert "tests/jobs.py" in detail  # the traceback from the child
 
 

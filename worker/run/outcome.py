@@ -246,21 +246,25 @@ def error_rows(
     ]
     if failed_records > len(record_errors):
         more = failed_records - len(record_errors)
-        rows.append(
-            {
-                **base,
-                "error_type": ErrorType.RECORD_INVALID,
-                "message": f"{more} more failed records not kept",
-            }
-            | {"detail": None, "record_key": None, "context": {}}
-        )
+        rows.append(run_error(job, ErrorType.RECORD_INVALID, f"{more} more failed records not kept"))
     if ending.failure is not None:
         failure = ending.failure
-        rows.append(
-            {**base, "error_type": failure.error_type, "message": text(failure.message)}
-            | {"detail": failure.detail and text(failure.detail, 8000), "record_key": None, "context": {}}
-        )
+        rows.append(run_error(job, failure.error_type, failure.message, failure.detail))
     return rows
+
+
+def run_error(job: Job, error_type: str, message: str, detail: str | None = None) -> dict[str, Any]:
+    """One `sync_errors` row about the run itself, not a record (`context` is a plain value:
+    the caller wraps it)."""
+    return {
+        "integration_id": job.id,
+        "run_id": job.run_id,
+        "error_type": error_type,
+        "message": text(message),
+        "detail": detail and text(detail, 8000),
+        "record_key": None,
+        "context": {},
+    }
 
 
 def finish_params(job: Job, ending: Ending, result: RunResult, failed_records: int) -> dict[str, Any]:

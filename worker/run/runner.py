@@ -208,15 +208,7 @@ class Runner:
         for message in await hooks.run_all(todo):
             await conn.execute(
                 Q["record_error"],
-                {
-                    "integration_id": job.id,
-                    "run_id": job.run_id,
-                    "error_type": ErrorType.HOOK_FAILED,
-                    "message": outcome.text(message),
-                    "detail": None,
-                    "record_key": None,
-                    "context": Jsonb({}),
-                },
+                {**outcome.run_error(job, ErrorType.HOOK_FAILED, message), "context": Jsonb({})},
             )
 
     async def _finish(
@@ -409,18 +401,8 @@ class PooledRunner(Runner):
         if await self._fail_elsewhere(job, failure) == "abandoned":
             try:
                 async with self.pool.connection() as conn:
-                    await conn.execute(
-                        Q["record_error"],
-                        {
-                            "integration_id": job.id,
-                            "run_id": job.run_id,
-                            "error_type": failure.error_type,
-                            "message": outcome.text(failure.message),
-                            "detail": failure.detail and outcome.text(failure.detail, 8000),
-                            "record_key": None,
-                            "context": Jsonb({}),
-                        },
-                    )
+                    row = outcome.run_error(job, failure.error_type, failure.message, failure.detail)
+                    await conn.execute(Q["record_error"], {**row, "context": Jsonb({})})
             except psycopg.Error:
                 log.exception("could not record why the run's session ended")
 

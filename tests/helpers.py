@@ -1,12 +1,16 @@
-"""Test helpers: real worker processes, waiting on conditions with deadlines, quick queries."""
+"""Test helpers: real worker processes, waiting on conditions with deadlines, quick queries, and
+throw-away PostgreSQL clusters of the server's own version."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -234,3 +238,92 @@ def supervised(
 
 def worker_ids_live(url: str) -> int:
     return int(one(url, "SELECT count(*) FROM syncworker.workers WHERE stopped_at IS NULL") or 0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_bindir() -> str:
+    """Where the PostgreSQL server's programs are (initdb, pg_ctl), from `pg_config --bindir`."""
+    return subprocess.run(
+        ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def as_postgres_user() -> dict[str, Any]:
+    """subprocess arguments that run a server program as the postgres OS user when we are root."""
+    if os.geteuid() == 0:
+        return {"user": "postgres", "group": "postgres", "extra_groups": []}
+    return {}
+
+
+def missing_server() -> str | None:
+    """Why a private cluster cannot be built here (no server programs, wrong OS user), or None."""
+    if shutil.which("pg_config") is None:
+        return "no PostgreSQL server binaries (pg_config is not on PATH)"
+    try:
+        bindir = Path(server_bindir())
+    except (OSError, subprocess.CalledProcessError):
+        return "no PostgreSQL server binaries (pg_config --bindir failed)"
+    if not (bindir / "initdb").exists() or not (bindir / "pg_ctl").exists():
+        return f"no PostgreSQL server binaries (no initdb or pg_ctl in {bindir})"
+    if os.geteuid() != 0 and os.environ.get("USER") != "postgres":
+        return "a private cluster is run as the postgres OS user: run the tests as root or postgres"
+    return None
+
+
+class Cluster:
+    """A throw-away PostgreSQL cluster of the server's own version, run as the postgres OS user."""
+
+    def __init__(self, home: Path, name: str) -> None:
+        self.data = home / name
+        self.port = free_port()
+        self.log = home / f"{name}.log"
+
+    def pg(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(server_bindir()) / tool), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            **as_postgres_user(),
+        )
+
+    def init(self) -> None:
+        done = self.pg("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N")
+        assert done.returncode == 0, done.stderr
+
+    def start(self, **settings: str | int) -> None:
+        """Start the server; `settings` are given as `-c name=value` (wal_level="logical")."""
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.data.parent}"
+        )
+        options += "".join(f" -c {name}={value}" for name, value in settings.items())
+        done = self.pg("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        assert done.returncode == 0, done.stderr + (self.log.read_text() if self.log.exists() else "")
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+
+@contextmanager
+def private_cluster(prefix: str = "swtest-cluster-", **settings: str | int) -> Iterator[Cluster]:
+    """A new cluster in a temporary directory, started with `settings`; stopped and removed after."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.geteuid() == 0:
+        shutil.chown(home, "postgres")
+    cluster = Cluster(home, "data")
+    try:
+        cluster.init()
+        cluster.start(**settings)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)

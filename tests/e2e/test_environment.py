@@ -24,12 +24,15 @@ import pytest
 
 from helpers import (
     ROOT,
+    Cluster,
     add_job,
     db_prefix,
     die_with_parent,
     execute,
+    free_port,
     one,
     rows,
+    server_bindir,
     wait_for,
     worker_env,
     workers,
@@ -42,12 +45,6 @@ needs_pgbouncer = pytest.mark.skipif(
     not os.access(PGBOUNCER, os.X_OK),
     reason=f"pgbouncer is not installed ({PGBOUNCER}; Debian package pgbouncer)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def with_port(url: str, port: int, user: str | None = None) -> str:
@@ -405,54 +402,10 @@ def test_check_reports_the_environment_and_start_up_warns_of_a_superuser(jobdb: 
     assert "statement_timeout = 7s for the database" in output
 
 
-class Cluster:
-    """A throw-away PostgreSQL cluster of the server's own version, run as the postgres OS user."""
-
-    def __init__(self, home: Path, name: str) -> None:
-        self.data = home / name
-        self.port = free_port()
-        self.log = home / f"{name}.log"
-
-    def pg(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(Path(_bindir()) / tool), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            **_as_postgres(),
-        )
-
-    def start(self) -> None:
-        options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.data.parent}"
-        )
-        done = self.pg("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
-        assert done.returncode == 0, done.stderr + (self.log.read_text() if self.log.exists() else "")
-
-    def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            self.pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-
-def _bindir() -> str:
-    return subprocess.run(
-        ["pg_config", "--bindir"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-
-
-def _as_postgres() -> dict[str, Any]:
-    if os.geteuid() == 0:
-        return {"user": "postgres", "group": "postgres", "extra_groups": []}
-    return {}
-
-
 @pytest.fixture
 def standby() -> Iterator[str]:
     """A real hot standby: a fresh primary, pg_basebackup -R of it, started on a port of its own."""
-    if shutil.which("pg_config") is None or not (Path(_bindir()) / "pg_basebackup").exists():
+    if shutil.which("pg_config") is None or not (Path(server_bindir()) / "pg_basebackup").exists():
         pytest.skip("no PostgreSQL server binaries (pg_config --bindir) to build a standby with")
     if os.geteuid() != 0 and os.environ.get("USER") != "postgres":
         pytest.skip("a standby is built as the postgres OS user: run the tests as root or postgres")
@@ -461,8 +414,7 @@ def standby() -> Iterator[str]:
         shutil.chown(home, "postgres")
     primary, replica = Cluster(home, "primary"), Cluster(home, "standby")
     try:
-        done = primary.pg("initdb", "-D", str(primary.data), "-U", "postgres", "--auth=trust", "-N")
-        assert done.returncode == 0, done.stderr
+        primary.init()
         primary.start()
         from worker.db.migrate import upgrade
 

@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per comm
     )
     verify.add_argument("name")
 
+    drop = sub.add_parser(
+        "drop-slot",
+        parents=[common],
+        help="drop the replication slot and publication of a postgres job's logical mode on its source",
+    )
+    drop.add_argument("name")
+
     check = sub.add_parser(
         "check",
         parents=[common],
@@ -514,6 +521,21 @@ def cmd_verify(args: argparse.Namespace, target: db.Target) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_drop_slot(args: argparse.Namespace, target: db.Target) -> int:
+    from worker.connectors.postgres.tools import ToolError, drop_slot
+
+    try:
+        cfg = postgres_job(target, args.name)
+        with connect(target) as conn:
+            job_id = integration_id(conn, args.name)
+        done = drop_slot(cfg, job_id, target.url)
+    except ToolError as exc:
+        raise CliError(str(exc)) from None
+    say_database(target)
+    print(f"{args.name}: {done}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, db.Target], int]] = {
     "migrate": cmd_migrate,
     "run": cmd_run,
@@ -525,6 +547,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, db.Target], int]] = {
     "run-once": cmd_run_once,
     "install-trigger": cmd_install_trigger,
     "verify": cmd_verify,
+    "drop-slot": cmd_drop_slot,
 }
 
 

@@ -17,6 +17,10 @@ incremental.  How they find the changed rows depends on the source:
   are caught);
 * neither: every row, every run.
 
+With `"changes": "logical"` (opt-in), runs read the source table's logical replication
+stream instead (a publication and a slot on the source, see `logical`): only the rows that
+changed, deletes and truncates included, whatever the table's size.
+
 Deletes: `none`; `soft` (the source marks a deleted row by setting a column; that row is
 removed from the destination); `hard`: the keys recorded by the source's delete trigger
 since the previous run (`syncworker install-trigger`), and periodically, a comparison of
@@ -25,7 +29,8 @@ the buckets that differ.
 
 The parts: `config` (the job's settings, checked), `mirror` (one run: the copy and the
 incremental read), `deletes`, `tracking` (finding changes without trusting clocks),
-`stream` (the source's COPY data) and `tools` (`install-trigger`, `verify`).
+`stream` (the source's COPY data), `logical` and `pgoutput` (the logical replication mode
+and its messages) and `tools` (`install-trigger`, `verify`, `drop-slot`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,15 @@ import psycopg
 from worker import db, secrets
 from worker.connectors.base import Connector, RealtimeSource, RunContext, RunResult
 from worker.connectors.load import destination_session
-from worker.connectors.postgres.config import CHANNEL, PostgresConfig, Source, parse_config, qualified_name
+from worker.connectors.postgres.config import (
+    CHANNEL,
+    LOGICAL,
+    PostgresConfig,
+    Source,
+    parse_config,
+    qualified_name,
+)
+from worker.connectors.postgres.logical import SESSION_SETTINGS, LogicalMirror
 from worker.connectors.postgres.mirror import Mirror
 from worker.connectors.postgres.stream import unescape_copy_field
 
@@ -66,8 +79,32 @@ class PostgresConnector(Connector):
             # Reads see one snapshot each (the incremental's max(updated_at) and its rows).
             await src.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
             await src.set_read_only(True)
+            if cfg.logical:
+                return await self._logical(ctx, cfg, src, source_dsn)
+            if ctx.state.get("changes") == LOGICAL:
+                ctx.log.warning(
+                    "%s: the replication slot %s of this job's logical mode is still on the source,"
+                    " holding WAL: drop it with `syncworker drop-slot %s`",
+                    cfg.source.name,
+                    ctx.state.get("slot"),
+                    ctx.name,
+                )
             async with destination_session(ctx, cfg.destination) as dest:
                 return await Mirror(ctx, cfg, src, dest, external=cfg.destination.dsn is not None).run()
+
+    @staticmethod
+    async def _logical(
+        ctx: RunContext, cfg: PostgresConfig, src: psycopg.AsyncConnection[Any], source_dsn: str
+    ) -> RunResult:
+        """A run of `"changes": "logical"`: a second source session (autocommit) for the slot."""
+        async with await psycopg.AsyncConnection.connect(
+            source_dsn, autocommit=True, **db.connect_kwargs("syncworker slot")
+        ) as admin:
+            for name, value in SESSION_SETTINGS.items():
+                await admin.execute("SELECT set_config(%s, %s, false)", [name, value])
+            async with destination_session(ctx, cfg.destination) as dest:
+                external = cfg.destination.dsn is not None
+                return await LogicalMirror(ctx, cfg, src, dest, admin, external=external).run()
 
 
 __all__ = [

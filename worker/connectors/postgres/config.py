@@ -26,6 +26,10 @@ DEFAULT_HARD_DELETE_SECONDS = 3600
 # Lookback when the job has no schedule to scale it from.
 DEFAULT_LOOKBACK_SECONDS = 3600
 DELETE_MODES = ("none", "soft", "hard")
+# How incremental runs find changes: the xmin cursor or updated_at (the default), or the
+# source's logical replication stream (a slot and a publication on the source).
+CHANGE_MODES = ("auto", "logical")
+LOGICAL = "logical"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,11 @@ class PostgresConfig:
     hard_delete_every: float
     lookback: float | None  # seconds; None = three times the job's period
     realtime: bool
+    changes: str = "auto"  # one of CHANGE_MODES
+
+    @property
+    def logical(self) -> bool:
+        return self.changes == LOGICAL
 
 
 def parse_config(config: Mapping[str, Any]) -> PostgresConfig:
@@ -75,6 +84,7 @@ def parse_config(config: Mapping[str, Any]) -> PostgresConfig:
             "hard_delete_every_seconds",
             "lookback_seconds",
             "realtime",
+            "changes",
         },
     )
     source = parse_source(config)
@@ -102,7 +112,12 @@ def parse_config(config: Mapping[str, Any]) -> PostgresConfig:
     realtime = expect(config, "realtime", bool, "true or false", False)
     if realtime and source.table is None:
         raise ConfigError("realtime", "needs source.table (a trigger cannot watch a query)")
-    if source.updated_at is None and (lookback is not None or realtime):
+    changes = parse_changes(config, source)
+    if changes == LOGICAL:
+        for name, value in (("lookback_seconds", lookback), ("hard_delete_every_seconds", every)):
+            if value is not None:
+                raise ConfigError(name, 'does not apply with "changes": "logical" (the stream has them all)')
+    elif source.updated_at is None and (lookback is not None or realtime):
         raise ConfigError("source.updated_at", "is required for incremental and real-time syncs")
     return PostgresConfig(
         source,
@@ -112,7 +127,24 @@ def parse_config(config: Mapping[str, Any]) -> PostgresConfig:
         float(DEFAULT_HARD_DELETE_SECONDS if every is None else every),
         None if lookback is None else float(lookback),
         realtime,
+        changes,
     )
+
+
+def parse_changes(config: Mapping[str, Any], source: Source) -> str:
+    """`changes`: "auto" (the default) or "logical", which needs a source table and its key."""
+    changes = expect(config, "changes", str, '"auto" or "logical"', "auto")
+    if changes not in CHANGE_MODES:
+        raise ConfigError(
+            "changes",
+            'expected "auto" (the default: the xmin cursor, or updated_at) or "logical" (the'
+            f' source\'s logical replication stream), got "{changes:.40}"',
+        )
+    if changes == LOGICAL and source.table is None:
+        raise ConfigError("changes", '"logical" needs source.table (a query has no change stream)')
+    if changes == LOGICAL and not source.key:
+        raise ConfigError("source.key", 'is required with "changes": "logical"')
+    return str(changes)
 
 
 def parse_source(config: Mapping[str, Any]) -> Source:

@@ -1,4 +1,5 @@
-"""Operator tools for `postgres` jobs: install the real-time trigger, verify a mirror.
+"""Operator tools for `postgres` jobs: install the real-time trigger, verify a mirror, drop
+the replication slot and publication of a job's logical mode.
 
 Both work on the job's own config (source and destination as the worker sees
 them) and talk to the databases with short synchronous sessions.
@@ -17,6 +18,7 @@ from psycopg import sql
 from worker import db, secrets
 from worker.connectors import get
 from worker.connectors.postgres.config import CHANNEL, PostgresConfig, qualified_name
+from worker.connectors.postgres.logical import TAG_SQL, slot_name
 from worker.connectors.postgres.tracking import DELETE_TRIGGER, TOMBSTONES, tombstone_statements
 from worker.run import hooks
 
@@ -262,3 +264,55 @@ def describe(report: Report, cfg: PostgresConfig) -> list[str]:
     if report.mismatched_buckets > MAX_BUCKETS_EXPLAINED:
         lines.append(f"(keys listed from the first {MAX_BUCKETS_EXPLAINED} mismatching buckets only)")
     return lines
+
+
+# -- drop-slot ---------------------------------------------------------------------------------
+
+
+def job_slot_name(job_id: int, control_url: str) -> str:
+    """The name of a job's replication slot and publication (see `logical`)."""
+    with connect(None, "", control_url) as conn:
+        row = conn.execute(TAG_SQL).fetchone()
+    assert row is not None
+    return slot_name(job_id, row[0])
+
+
+def drop_slot(cfg: PostgresConfig, job_id: int, control_url: str) -> str:
+    """Drop the job's replication slot and publication on its source; a line saying what was done.
+
+    The slot holds WAL on the source for as long as it exists: drop it when the job is removed
+    or leaves `"changes": "logical"`.
+    """
+    name = job_slot_name(job_id, control_url)
+    dropped = []
+    with connect(cfg.source.dsn, "source.dsn") as conn:
+        try:
+            found = conn.execute(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", [name]
+            ).fetchone()
+            if found is not None and found[0] is not None:
+                raise ToolError(
+                    f"the replication slot {name} is in use by process {found[0]} on the source"
+                    " (a run in progress?): try again when it is done"
+                )
+            if found is not None:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", [name])
+                dropped.append(f"replication slot {name}")
+            if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", [name]).fetchone():
+                conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
+                dropped.append(f"publication {name}")
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                raise
+            raise ToolError(f"cannot drop {name} on the source: {exc.diag.message_primary or exc}") from None
+    line = (
+        f"dropped the {' and the '.join(dropped)} on the source"
+        if dropped
+        else (f"no replication slot or publication {name} on the source: nothing to drop")
+    )
+    if cfg.logical:
+        line += (
+            '; the job still has "changes": "logical": its next run creates them again and copies'
+            " the table in full (pause or delete the job first)"
+        )
+    return line

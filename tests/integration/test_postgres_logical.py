@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -38,6 +39,8 @@ from helpers import (
     one,
     private_cluster,
     rows,
+    wait_for,
+    workers,
 )
 from worker.connectors import get
 from worker.connectors.base import ConfigError
@@ -266,6 +269,24 @@ def test_an_incremental_run_reads_the_changed_rows_not_the_table(source: str, de
     assert identical(source, dest)
 
 
+def test_the_slot_moves_past_what_other_tables_write_so_the_source_keeps_no_wal_for_it(
+    source: str, dest: str, db: str
+) -> None:
+    fill(source, 10)
+    add_job(db, "items", "postgres", config())
+    run(db)
+    execute(source, "CREATE TABLE other AS SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    written = lsn(one(source, "SELECT pg_current_wal_insert_lsn()::text"))
+    # and a writer that has not committed yet, whose WAL ends the flushed part mid-page
+    with psycopg.connect(dest) as open_writer:
+        open_writer.execute("CREATE TABLE pending AS SELECT g FROM generate_series(1, 3000) g")
+        started = time.monotonic()
+        assert run(db)["records_processed"] == 0
+        assert time.monotonic() - started < 5
+    assert lsn(slot(source)["confirmed"]) > written  # type: ignore[index]
+    assert slot(source)["confirmed"] == state(db)["lsn"]  # type: ignore[index]
+
+
 def test_a_destination_in_the_control_database_commits_data_and_position_together(
     source: str, db: str
 ) -> None:
@@ -372,6 +393,55 @@ def test_a_crash_after_the_state_commit_and_before_the_slot_advance_applies_noth
     execute(source, "UPDATE items SET body = 'twice' WHERE id = 1")
     assert run(db)["records_processed"] == 1
     assert identical(source, dest)
+
+
+# A real `syncworker run-once` that kills itself (SIGKILL) where the slot would move forward:
+# after the destination's and the state's commits.
+KILLED_BEFORE_THE_ADVANCE = """
+import os, signal, sys
+from worker.connectors.postgres import logical
+real = logical.Slot.advance
+async def advance(self, position):
+    info = await self.info()
+    if info is not None and info.confirmed is not None and info.confirmed < position:
+        os.kill(os.getpid(), signal.SIGKILL)
+    await real(self, position)
+logical.Slot.advance = advance
+from worker.cli.main import main
+sys.exit(main(["run-once", "items"]))
+"""
+
+
+def test_a_worker_killed_before_the_slot_advance_loses_nothing_and_applies_nothing_twice(
+    source: str, dest: str, db: str, tmp_path: Path
+) -> None:
+    fill(source, 300)
+    add_job(db, "items", "postgres", config())
+    run(db)
+    execute(source, "UPDATE items SET body = 'killed' WHERE id <= 75; DELETE FROM items WHERE id > 290")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCWORKER_", "PG"))}
+    env.update(
+        {"PYTHONPATH": str(TESTS), "SYNCWORKER_DATABASE_URL": db, "SYNCWORKER_ALLOW_SUPERUSER_JOBS": "1"}
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_THE_ADVANCE], env=env, cwd=ROOT, capture_output=True, timeout=120
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert identical(source, dest)
+    assert lsn(slot(source)["confirmed"]) < lsn(state(db)["lsn"])  # type: ignore[index]
+    # A worker rescues the killed run and runs the job again.
+    with workers(db, tmp_path, 1):
+        wait_for(lambda: successes(db) >= 2, timeout=60, what="the rerun")
+    statuses = [r["status"] for r in rows(db, "SELECT status FROM syncworker.sync_runs ORDER BY id")]
+    assert statuses == ["success", "abandoned", "success"]
+    again = rows(db, "SELECT * FROM syncworker.sync_runs ORDER BY id DESC LIMIT 1")[0]
+    assert [again[f"records_{k}"] for k in ("processed", "inserted", "updated", "deleted")] == [0, 0, 0, 0]
+    assert slot(source)["confirmed"] == state(db)["lsn"]  # type: ignore[index]
+    assert identical(source, dest)
+
+
+def successes(db: str) -> int:
+    return int(one(db, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'success'"))
 
 
 def test_a_crash_after_the_destination_commit_and_before_the_state_replays_harmlessly(

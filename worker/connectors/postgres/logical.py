@@ -132,9 +132,20 @@ class Slot:
                 "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", [self.name, lsn_to_text(lsn)]
             )
 
-    async def current_lsn(self) -> int:
-        cur = await self.conn.execute("SELECT pg_current_wal_lsn()::text")
-        row = await cur.fetchone()
+    async def end(self) -> int:
+        """Where a run reads up to: the end of a (transactional, empty) logical message written
+        now and flushed with its commit.
+
+        Every transaction that committed before that position is in what a peek up to it
+        hands out, so the slot may be moved there even when none of them wrote the table.
+        And the peek never waits: the SQL interface reads up to the flush position, and when
+        that is in the middle of a record (the WAL writer flushes whole pages) it waits for
+        the rest, which an uncommitted writer may not flush for seconds.
+        """
+        async with self.conn.transaction():
+            await self.conn.execute("SET LOCAL synchronous_commit = local")
+            cur = await self.conn.execute("SELECT pg_logical_emit_message(true, 'syncworker', '')::text")
+            row = await cur.fetchone()
         assert row is not None
         return lsn_from_text(row[0])
 
@@ -411,7 +422,7 @@ class LogicalMirror(Mirror):
         if not self.ctx.dry_run:
             # Whatever the slot holds up to the saved position is in the destination already.
             await self.slot.advance(self.saved)
-        target = await self.slot.current_lsn()
+        target = await self.slot.end()
         assert self.source.table is not None
         schema, _, table = qualified_name(self.source.table).partition(".")
         stream = Stream(
@@ -422,8 +433,17 @@ class LogicalMirror(Mirror):
             self.saved,
         )
         read_before = self.read
-        while await self.follow_round(stream, columns, changes, target) and not self.ctx.dry_run:
-            pass
+        while await self.follow_round(stream, columns, changes, target):
+            if self.ctx.dry_run:
+                break
+        else:
+            if target > stream.position and not self.ctx.dry_run:
+                # Every transaction that committed before `target` was handed out: none since
+                # the last one applied wrote the table.  The slot moves on past them, so that
+                # the next run does not decode their WAL again, nor holds it.
+                stream.position = target
+                await self.save(stream)
+                await self.slot.advance(self.saved)
         self.ctx.log.info(
             "%s: %s changes applied from the replication stream, up to %s (%s skipped: applied before)",
             self.source.name,

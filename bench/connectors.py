@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/connectors.py [--rows 1000000] [--rss-rows 1000000,5000000]
        [--http-records 200000] [--redis-members 100000] [--naive-sample 20000]
+       [--mirror-rows 1000000,5000000] [--only connectors|mirror]
 
 Every sync is one `syncworker run-once` child process; rows/s come from the run's own
 `duration_ms`, peak RSS from the child's rusage. In the same run, for comparison:
@@ -10,7 +11,8 @@ two databases) and the hand-written way (a loop of single-row `INSERT … ON CON
 timed over a sample). Creates and drops its own databases on
 SYNCWORKER_BENCH_DATABASE_URL's server and its own keys in SYNCWORKER_BENCH_REDIS_URL
 (default redis://127.0.0.1:6379/0). Prints a table and writes the connectors section of
-bench/RESULTS.md.
+bench/RESULTS.md. The mirror section's logical-replication rows run on a private cluster
+with wal_level = logical that the benchmark starts (initdb + pg_ctl, as the tests do).
 """
 
 from __future__ import annotations
@@ -383,6 +385,110 @@ def bench_mirror(rows: int, lookback_baseline: bool) -> list[tuple[str, str, str
 
 
 @contextmanager
+def logical_cluster() -> Iterator[Any]:
+    """A private cluster with wal_level = logical (the shared server's is replica), otherwise
+    at the shared server's settings (fsync on, autovacuum off, 128 MB of shared buffers)."""
+    from helpers import missing_server, private_cluster
+
+    reason = missing_server()
+    if reason is not None:
+        raise SystemExit(f"the logical mode's rows need a private cluster: {reason}")
+    with private_cluster(
+        "swbench-logical-",
+        wal_level="logical",
+        max_replication_slots=10,
+        max_wal_senders=10,
+        autovacuum="off",
+        shared_buffers="128MB",
+    ) as cluster:
+        yield cluster
+
+
+def bench_logical(rows: int) -> list[tuple[str, str, str]]:
+    """The same job and table as `bench_mirror`, with `"changes": "logical"`, on a private
+    cluster with wal_level = logical: source and control (destination) databases both there."""
+    n = f"{rows:,}"
+    changed = rows // 100
+    with logical_cluster() as cluster:
+        for name in ("source", "control"):
+            sql(cluster.url(), f"CREATE DATABASE {name}")
+        source, dest = cluster.url("source"), cluster.url("control")
+        from worker.db.migrate import upgrade
+
+        upgrade(dest)
+        sql(source, ACCOUNTS)
+        for start in range(1, rows + 1, 1_000_000):
+            sql(source, FILL_ACCOUNTS, {"start": start, "stop": min(rows, start + 999_999)})
+        sql(source, "VACUUM ANALYZE public.accounts")
+        sql(source, "CHECKPOINT")
+        env = {"BENCH_SOURCE_DSN": source, "SYNCWORKER_LOG_LEVEL": "info"}
+        config = {
+            "source": {"dsn": {"env": "BENCH_SOURCE_DSN"}, "table": "public.accounts", "key": ["aid"]},
+            "destination": {"table": "public.accounts", "key": ["aid"], "create_table": True},
+            "deletes": "hard",
+            "changes": "logical",
+        }
+        add_job(dest, "pg", "postgres", config)
+        pipe = [raw_accounts_pipe(source, dest)]
+        first, rss_first, row = run_once(dest, "pg", env)
+        assert row["inserted"] == rows, row
+        pipe.append(raw_accounts_pipe(source, dest))
+        raw = sum(pipe) / 2
+        idle, rss_idle, idle_row = run_once(dest, "pg", env)
+        change = "UPDATE public.accounts SET abalance = abalance + 1, updated_at = now() WHERE aid % 100 = 0"
+        started = time.perf_counter()
+        sql(source, change)
+        source_update = time.perf_counter() - started
+        inc, rss_inc, inc_row = run_once(dest, "pg", env)
+        assert inc_row["updated"] == changed, inc_row
+        sql(source, change)
+        inc2, _, inc2_row = run_once(dest, "pg", env)
+        sql(source, "DELETE FROM public.accounts WHERE aid % 1000 = 1")
+        gone, rss_gone, gone_row = run_once(dest, "pg", env)
+        assert gone_row["deleted"] == rows // 1000, gone_row
+        exact = sql(dest, "SELECT count(*) FROM public.accounts")[0][0] == rows - rows // 1000
+        retained = sql(
+            source,
+            "SELECT pg_size_pretty(pg_current_wal_lsn() - restart_lsn) FROM pg_replication_slots",
+        )[0][0]
+    return [
+        (
+            f"logical mode, {n} rows (private cluster, wal_level = logical): raw COPY pipe there (s)",
+            f"{raw:.2f} ({pipe[0]:.2f} / {pipe[1]:.2f})",
+            "",
+        ),
+        (
+            "  first run in total: slot, copy, stream (s; rows read)",
+            f"{first:.2f}; {row['processed']:,} ({first / raw:.2f}x raw)",
+            "<= 1.5x raw",
+        ),
+        ("  next run, nothing changed (s; rows read)", f"{idle:.2f}; {idle_row['processed']:,}", ""),
+        (
+            f"  next run, 1% changed = {changed:,} rows (s; rows read)",
+            f"{inc:.2f}; {inc_row['processed']:,} ({inc / first:.0%} of the first run)",
+            f"<= {2 * changed:,} rows, <= 10%",
+        ),
+        ("    the source's own UPDATE of those rows (s)", f"{source_update:.2f}", "(reference)"),
+        (
+            "    the same rows changed again, next run (s; rows read)",
+            f"{inc2:.2f}; {inc2_row['processed']:,} ({inc2 / first:.0%} of the first run)",
+            "",
+        ),
+        (
+            f"  hard deletes from the stream, {rows // 1000:,} deleted (run, s; rows read)",
+            f"{gone:.2f}; {gone_row['processed']:,}{'' if exact else ' (NOT EXACT)'}",
+            "",
+        ),
+        (
+            "  peak RSS: first / incremental / deletes (MB)",
+            f"{rss_first:.0f} / {max(rss_idle, rss_inc):.0f} / {rss_gone:.0f}",
+            "<= 64",
+        ),
+        ("  WAL the slot holds after the last run", str(retained), ""),
+    ]
+
+
+@contextmanager
 def http_server(records: int) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "httpapi.py"), str(records)],
@@ -489,6 +595,8 @@ def main() -> None:
         mirror: list[tuple[str, str, str]] = []
         for i, size in enumerate(mirror_sizes):
             mirror += bench_mirror(size, lookback_baseline=i == 0)
+        for size in mirror_sizes:
+            mirror += bench_logical(size)
         save_section(
             "mirror",
             "Postgres mirror",
@@ -507,6 +615,13 @@ def main() -> None:
                 "one scan of the source (the run where nothing changed) with the destination's writes of",
                 "the changed rows overlapped: compare the source's own UPDATE of them. The machine is",
                 "shared: runs vary by a third or more from one turn to the next.",
+                "",
+                'The "logical mode" rows: the same job with `"changes": "logical"` (and no `updated_at`),',
+                "on a private cluster the benchmark starts with `wal_level = logical` (initdb of the same",
+                "server version, fsync on, autovacuum off, 128 MB of shared buffers, as the shared",
+                "server), the source and the control database (the destination) both on it; its raw",
+                "pipe is measured there. The first run creates the publication and the slot, copies,",
+                "and reads the stream; later runs read only the stream (no scan of the table).",
             ],
         )
         if args.only == "mirror":

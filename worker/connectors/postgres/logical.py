@@ -253,9 +253,11 @@ class ChangeLoader(Loader):
         super().__init__(conn, dest, columns, ctx, soft_delete=True)
         self.copy_columns = [*self.columns, DELETED, UNCHANGED]
         self.missing: list[tuple[str | None, ...]] = []
+        self.partial = False  # whether the staged batch has rows with values to fill in
 
     async def apply_stage(self) -> None:
-        await self._fill_unchanged()
+        if self.partial:
+            await self._fill_unchanged()
         await super().apply_stage()
 
     async def _fill_unchanged(self) -> None:
@@ -433,17 +435,18 @@ class LogicalMirror(Mirror):
             self.saved,
         )
         read_before = self.read
-        while await self.follow_round(stream, columns, changes, target):
-            if self.ctx.dry_run:
-                break
-        else:
-            if target > stream.position and not self.ctx.dry_run:
+        more = True
+        while more and not self.ctx.dry_run:  # a dry run peeks once (it moves nothing)
+            more = await self.follow_round(stream, columns, changes, target)
+            if not more and target > stream.position:
                 # Every transaction that committed before `target` was handed out: none since
                 # the last one applied wrote the table.  The slot moves on past them, so that
                 # the next run does not decode their WAL again, nor holds it.
                 stream.position = target
-                await self.save(stream)
-                await self.slot.advance(self.saved)
+            await self.save(stream)
+            await self.slot.advance(self.saved)
+        if self.ctx.dry_run:
+            await self.follow_round(stream, columns, changes, target)
         self.ctx.log.info(
             "%s: %s changes applied from the replication stream, up to %s (%s skipped: applied before)",
             self.source.name,
@@ -483,9 +486,6 @@ class LogicalMirror(Mirror):
             finally:
                 await cur.close()
         await self.apply(batch, columns, changes)
-        await self.save(stream)
-        if not self.ctx.dry_run:
-            await self.slot.advance(self.saved)
         return messages >= PEEK_MESSAGES
 
     async def apply(self, batch: Batch, columns: list[str], changes: ChangeLoader) -> None:
@@ -504,16 +504,15 @@ class LogicalMirror(Mirror):
             cur = await self.dest.execute(sql.SQL("DELETE FROM {}").format(self.cfg.destination.identifier()))
             changes.counts.deleted += max(cur.rowcount, 0)
         if batch.ops:
-            rows = [
-                [
-                    *op.values,
-                    op.deleted,
-                    None
-                    if not op.unchanged and op.deleted is not None
-                    else ",".join(str(n + 1) for n in sorted(op.unchanged)),
-                ]
-                for op in batch.ops.values()
-            ]
+            rows = []
+            partial = False
+            for op in batch.ops.values():
+                unchanged = None
+                if op.unchanged or op.deleted is None:
+                    unchanged = ",".join(str(n + 1) for n in sorted(op.unchanged))
+                    partial = True
+                rows.append([*op.values, op.deleted, unchanged])
+            changes.partial = partial
             await changes.write_batch(rows)
         refetch = set(batch.refetch) | set(changes.missing)
         changes.missing.clear()

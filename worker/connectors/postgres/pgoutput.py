@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 
 class ProtocolError(ValueError):
@@ -172,17 +172,35 @@ class _Reader:
         return text
 
     def tuple(self) -> Row:
+        # The hot path (every changed row): plain indexing, no call per field.
+        data, at = self.data, self.at
+        if at + 2 > len(data):
+            raise ProtocolError(f"message cut short at byte {at} (a tuple's column count)")
+        (count,) = _I16.unpack_from(data, at)
+        at += 2
         values: list[Value] = []
-        for _ in range(self.int16()):
-            kind = self.byte()
-            if kind == "n":
-                values.append(None)
-            elif kind == "u":
-                values.append(UNCHANGED)
-            elif kind == "t":
-                values.append(self.take(self.int32()).decode())
-            else:  # 'b' (binary) only comes when asked for, with protocol version 2 or later
-                raise ProtocolError(f"unknown tuple column kind {kind!r}")
+        append = values.append
+        for _ in range(count):
+            if at >= len(data):
+                raise ProtocolError(f"message cut short at byte {at} (a tuple's column)")
+            kind = data[at]
+            at += 1
+            if kind == 0x74:  # t: Int32 length, then the text
+                if at + 4 > len(data):
+                    raise ProtocolError(f"message cut short at byte {at} (a value's length)")
+                (size,) = _I32.unpack_from(data, at)
+                end = at + 4 + size
+                if size < 0 or end > len(data):
+                    raise ProtocolError(f"message cut short at byte {at} (a value of {size} bytes)")
+                append(data[at + 4 : end].decode())
+                at = end
+            elif kind == 0x6E:  # n: null
+                append(None)
+            elif kind == 0x75:  # u: unchanged TOAST, not sent
+                append(UNCHANGED)
+            else:  # b (binary) only comes when asked for, with protocol version 2 or later
+                raise ProtocolError(f"unknown tuple column kind {chr(kind)!r}")
+        self.at = at
         return tuple(values)
 
     def end(self) -> None:
@@ -405,16 +423,12 @@ def _key(layout: Layout, row: Row, fallback: Row | None = None) -> tuple[str | N
 
 
 def _op(layout: Layout, row: Row) -> Op:
-    values: list[str | None] = []
-    unchanged: set[int] = set()
-    for n, i in enumerate(layout.positions):
-        value = row[i]
-        if isinstance(value, _Unchanged):
-            unchanged.add(n)
-            values.append(None)
-        else:
-            values.append(value)
     flag = soft_flag(row[layout.soft]) if layout.soft is not None else "f"
+    picked = [row[i] for i in layout.positions]
+    if UNCHANGED not in picked:  # the usual case
+        return Op(cast(list[str | None], picked), deleted=flag)
+    unchanged = {n for n, value in enumerate(picked) if value is UNCHANGED}
+    values = [None if n in unchanged else cast(str | None, value) for n, value in enumerate(picked)]
     return Op(values, unchanged, deleted=flag)
 
 
@@ -452,7 +466,9 @@ class Stream:
         self.position = max(self.position, self.saved)
 
     def feed(self, message: Message, batch: Batch) -> None:
-        if isinstance(message, Begin):
+        if isinstance(message, Insert | Update | Delete | Truncate):  # most messages: first
+            self._change(message, batch)
+        elif isinstance(message, Begin):
             self.skipping = message.final_lsn < self.saved
         elif isinstance(message, Commit):
             if not self.skipping:
@@ -463,8 +479,6 @@ class Stream:
             self.layouts.pop(message.relid, None)
             if (message.namespace, message.name) == self.table:
                 self.layouts[message.relid] = Layout.of(message, self.columns, self.key, self.soft)
-        elif isinstance(message, Insert | Update | Delete | Truncate):
-            self._change(message, batch)
 
     def _change(self, message: Insert | Update | Delete | Truncate, batch: Batch) -> None:
         if self.skipping:
@@ -477,9 +491,9 @@ class Stream:
         layout = self.layouts.get(message.relid)
         if layout is None:
             return  # another table (the publication was given more)
-        if isinstance(message, Insert):
-            batch.insert(layout, message.new)
-        elif isinstance(message, Update):
+        if isinstance(message, Update):
             batch.update(layout, message.new, message.old)
+        elif isinstance(message, Insert):
+            batch.insert(layout, message.new)
         else:
             batch.delete(layout, message.old)

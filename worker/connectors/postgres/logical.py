@@ -79,7 +79,6 @@ def slot_name(integration_id: int, tag: str) -> str:
 class SlotInfo:
     confirmed: int | None  # confirmed_flush_lsn
     problem: str | None  # why the slot cannot be read from (before comparing with the state)
-    active_pid: int | None
 
 
 class Slot:
@@ -93,7 +92,7 @@ class Slot:
         cur = await self.conn.execute(
             """
             SELECT confirmed_flush_lsn::text, wal_status, database = current_database(), plugin,
-                   slot_type, active_pid
+                   slot_type
               FROM pg_replication_slots WHERE slot_name = %s
             """,
             [self.name],
@@ -101,13 +100,14 @@ class Slot:
         row = await cur.fetchone()
         if row is None:
             return None
-        confirmed, wal_status, here, plugin, kind, pid = row
+        confirmed, wal_status, here, plugin, kind = row
         problem = None
         if kind != "logical" or plugin != PLUGIN or not here:
-            problem = f"it is a {kind} slot of plugin {plugin} in another database or of another kind"
+            where = "" if here else " of another database"
+            problem = f"it is not this job's: a {kind} slot{where}, plugin {plugin}"
         elif wal_status == "lost" or confirmed is None:
             problem = "it was invalidated: the WAL it needed is gone (max_slot_wal_keep_size)"
-        return SlotInfo(None if confirmed is None else lsn_from_text(confirmed), problem, pid)
+        return SlotInfo(None if confirmed is None else lsn_from_text(confirmed), problem)
 
     async def create(self) -> int:
         """Create the slot (waits for the transactions running on the server); its start."""

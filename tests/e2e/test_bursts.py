@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from helpers import WorkerProcess, add_job, execute, one, rows, wait_for, workers
+from worker.run.runner import MAX_BATCH
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +82,10 @@ def test_sigkill_mid_burst_loses_no_job_and_runs_none_twice(jobdb: str, tmp_path
     finally:
         victim.stop()
     in_flight = one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'running'")
-    assert in_flight <= 4  # at most one per run session, however it was claimed
+    # At most one started run per run session; the others each session claimed ahead wait
+    # without their lock (and never ran).
+    started = "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'running' AND locked_at IS NOT NULL"
+    assert one(jobdb, started) <= 4
     with workers(jobdb, tmp_path, 1):
         wait_for(
             lambda: (
@@ -170,6 +174,40 @@ def test_a_burst_of_20000_over_three_replicas_with_one_killed_runs_every_job_exa
              FROM syncworker.sync_runs""",
     )[0]
     assert counts == {"ok": total, "jobs": total, "abandoned": counts["abandoned"], "running": 0, "other": 0}
-    assert counts["abandoned"] <= 4  # the killed replica's runs in flight, at most one per session
+    # The killed replica's runs in flight: at most one started per session; the ones its
+    # sessions had claimed ahead never started, and count toward no job's max_abandons.
+    never_started = one(
+        jobdb,
+        "SELECT count(*) FROM syncworker.sync_runs "
+        "WHERE status = 'abandoned' AND error LIKE '%before the run started'",
+    )
+    assert counts["abandoned"] - never_started <= 4
+    assert never_started <= 4 * MAX_BATCH
+    assert one(jobdb, "SELECT max(abandon_count) FROM syncworker.integrations") <= 1
     # The work of the killed runs rolled back with their sessions: one row per job.
     assert one(jobdb, "SELECT count(*) FROM public.job_rows") == total
+
+
+def test_a_runs_bookkeeping_calls_no_trigger_function(jobdb: str, tmp_path: Path) -> None:
+    """Claims and finishes are the worker's own writes: no trigger's plpgsql runs for them
+    (the checks of what people write, the wake-ups of what people change)."""
+    database = one(jobdb, "SELECT current_database()")
+    execute(jobdb, f"ALTER DATABASE \"{database}\" SET track_functions = 'all'")
+    add_burst(jobdb, 300)
+    add_job(jobdb, "hourly", "sql", {"statement": "SELECT 1"}, interval_seconds=3600)
+    add_job(jobdb, "failing", "sql", {"statement": "SELECT 1/0"}, interval_seconds=3600)
+    execute(jobdb, "SELECT pg_stat_reset()")
+    with workers(jobdb, tmp_path, 1):
+        wait_for(lambda: successes(jobdb) >= 301, timeout=60, what="every job to have run")
+        wait_for(
+            lambda: one(jobdb, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'failed'") >= 1,
+            what="the failing job to have failed",
+        )
+    # The worker's sessions have ended: their statistics are in.
+    called = rows(
+        jobdb,
+        """SELECT s.funcname, s.calls FROM pg_stat_user_functions s JOIN pg_proc p ON p.oid = s.funcid
+            WHERE s.schemaname = 'syncworker' AND s.calls > 0 AND p.prorettype = 'trigger'::regtype
+            ORDER BY 1""",
+    )
+    assert called == []

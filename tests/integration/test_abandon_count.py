@@ -75,3 +75,18 @@ def test_a_per_job_limit_and_its_check(db: str) -> None:
         assert "integrations_max_abandons_positive" in str(exc)
     else:
         raise AssertionError("max_abandons = 0 was accepted")
+
+
+def test_a_run_that_never_started_is_rescued_without_counting(db: str) -> None:
+    """A run claimed ahead and never started (its worker died while it waited, without its
+    lock) cannot be what killed the worker: rescued at once, every time, never a crash loop."""
+    from worker.db.queries import Q
+
+    job = add_job(db, "waited", "sql", {"statement": "select 1"}, interval_seconds=3600)
+    for _ in range(4):
+        start_run(db, job)  # no worker, no lock, no locked_at: its worker is gone
+        execute(db, Q["rescue_abandoned"], {})
+    got = rows(db, "SELECT enabled, abandon_count, last_status FROM syncworker.integrations")
+    assert got == [{"enabled": True, "abandon_count": 0, "last_status": "abandoned"}]
+    reasons = {r["error"] for r in rows(db, "SELECT error FROM syncworker.sync_runs")}
+    assert reasons == {"the worker that claimed it died or lost its database session before the run started"}

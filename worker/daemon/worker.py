@@ -175,7 +175,7 @@ class Worker:
         announce = self.census.quiet()
         await cur.execute(
             Q["claim"],
-            {"limit": limit, "lock": False, "worker_id": self.listener.worker_id, "announce": announce},
+            {"limit": limit, "locks": 0, "worker_id": self.listener.worker_id, "announce": announce},
         )
         jobs = [Job.from_row(row) for row in await cur.fetchall()]
         self.census.claimed([job.run_id for job in jobs], announced=announce)

@@ -65,27 +65,32 @@ SET LOCAL syncworker.leader_alive = on;
 -- name: claim
 -- (config and state come back as text, parsed job by job: a row Python cannot read, say
 -- nested thousands deep, fails alone instead of failing the claim of every job with it.)
--- Take up to %(limit)s due jobs and open a run for each, in one statement.  With %(lock)s
--- (a run session claiming its own next job) it also takes each job's integration lock
--- and sets locked_at: that session runs it.  It may run inside a finishing run's
--- transaction, so it reads the clock itself rather than now() (the transaction's start).
--- With %(announce)s (the worker has no other run going) it wakes every replica's rescuer
--- with a NOTIFY that is delivered if and only if the claim commits.
+-- Take up to %(limit)s due jobs and open a run for each, in one statement.  The first
+-- %(locks)s of them (a run session claiming what it runs next: 1) also get their integration
+-- lock, taken by this session, and locked_at: that session runs it now.  The others wait for
+-- their session to take the lock when it starts them (begin_run).  It may run inside a
+-- finishing run's transaction, so it reads the clock itself rather than now() (the
+-- transaction's start).  With %(announce)s (the worker has no other run going) it wakes every
+-- replica's rescuer with a NOTIFY that is delivered if and only if the claim commits.
 WITH due AS MATERIALIZED (
-  SELECT id, retry_count, pending_trigger, coalesce(scheduled_sync_at, next_sync_at) AS slot
+  SELECT id, retry_count, pending_trigger, coalesce(scheduled_sync_at, next_sync_at) AS slot,
+         next_sync_at
     FROM syncworker.integrations
    WHERE enabled AND running_run_id IS NULL AND next_sync_at <= statement_timestamp()
    ORDER BY next_sync_at, id
    LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED
+), ranked AS (
+  SELECT due.*, row_number() OVER (ORDER BY next_sync_at, id) <= %(locks)s AS locked FROM due
 ), runs AS (
   INSERT INTO syncworker.sync_runs
     (integration_id, trigger, attempt, worker_id, scheduled_for, started_at, locked_at)
   SELECT id, coalesce(pending_trigger, CASE WHEN retry_count > 0 THEN 'retry' ELSE 'schedule' END),
          retry_count + 1, %(worker_id)s, slot, clock_timestamp(),
-         CASE WHEN %(lock)s THEN clock_timestamp() END
-    FROM due, LATERAL (SELECT CASE WHEN %(lock)s THEN
-                         pg_advisory_lock(syncworker.lock_key('integration'), due.id::integer) END) AS l
+         CASE WHEN locked THEN clock_timestamp() END
+    FROM ranked, LATERAL (SELECT CASE WHEN locked THEN
+                            pg_advisory_lock(syncworker.lock_key('integration'), ranked.id::integer) END) AS l
+   ORDER BY next_sync_at, id
   RETURNING id, integration_id, trigger, attempt, scheduled_for, locked_at
 ), announced AS (
   SELECT count(pg_notify('syncworker', '{"runs_started": true}')) AS n
@@ -107,13 +112,33 @@ SELECT extract(epoch FROM min(next_sync_at) - clock_timestamp())::float8
  WHERE enabled AND running_run_id IS NULL AND next_sync_at IS NOT NULL;
 
 -- name: begin_run
--- Take the integration lock on the run's own session and mark the run as locked.
+-- Take the integration lock on the run's own session and mark the run as locked (by itself,
+-- or inside the transaction that ends the session's previous run).
 -- No row back means the run was abandoned meanwhile: release the lock and drop it.
 UPDATE syncworker.sync_runs
    SET locked_at = clock_timestamp()
   FROM (SELECT pg_advisory_lock(syncworker.lock_key('integration'), %(integration_id)s)) AS l
  WHERE id = %(run_id)s AND status = 'running'
 RETURNING clock_timestamp() AS db_now;
+
+-- name: release_unstarted
+-- Runs a session claimed and never started (it stops claiming, or lost its session), given
+-- back as if never claimed: their rows go, and their jobs are due as they were, with the
+-- trigger and the slot that were claimed.  A run that started (locked_at) is not touched.
+WITH run AS (
+  DELETE FROM syncworker.sync_runs
+   WHERE id = ANY(%(run_ids)s::bigint[]) AND status = 'running' AND locked_at IS NULL
+  RETURNING id, integration_id, trigger, scheduled_for
+)
+UPDATE syncworker.integrations i
+   SET running_run_id = NULL,
+       pending_trigger = coalesce(i.pending_trigger, CASE WHEN run.trigger IN ('manual', 'realtime', 'rescue')
+                                                          THEN run.trigger END),
+       scheduled_sync_at = coalesce(i.scheduled_sync_at,
+                                    CASE WHEN run.scheduled_for IS DISTINCT FROM i.next_sync_at
+                                         THEN run.scheduled_for END)
+  FROM run
+ WHERE i.id = run.integration_id AND i.running_run_id = run.id;
 
 -- name: unlock_integration
 -- Release the run lock; always after the run's final commit.
@@ -128,7 +153,10 @@ RETURNING id;
 -- name: finish_run
 -- Close the run and reschedule its job in one statement; raises if the run is no longer live
 -- (fenced), which aborts the transaction so that nothing of the run commits.  It also makes
--- this transaction's commit durable (synchronous_commit on, for this transaction only).
+-- this transaction's commit durable (synchronous_commit on, for this transaction only), and
+-- wakes every replica's dispatcher if the job is due again within 5 minutes (a trigger that
+-- came during the run, a retry, a frequent schedule).  A run that disables its job does so
+-- next, in the same transaction (disable_after_run).
 WITH run AS (
   UPDATE syncworker.sync_runs
      SET status = %(status)s, finished_at = clock_timestamp(),
@@ -150,8 +178,6 @@ UPDATE syncworker.integrations i
        last_error = %(error)s,
        retry_count = %(retry_count)s,
        abandon_count = 0,
-       enabled = i.enabled AND %(disabled_reason)s::text IS NULL,
-       disabled_reason = coalesce(%(disabled_reason)s::text, i.disabled_reason),
        -- A trigger that arrived during the run gets its one follow-up run now.
        next_sync_at = CASE WHEN i.pending_trigger IS NOT NULL AND %(disabled_reason)s::text IS NULL
                            THEN now() ELSE %(next_sync_at)s::timestamptz END,
@@ -159,9 +185,14 @@ UPDATE syncworker.integrations i
                                 ELSE %(scheduled_sync_at)s::timestamptz END
   FROM run
  WHERE i.id = run.integration_id AND i.running_run_id = run.id
-RETURNING i.enabled
+RETURNING i.enabled, i.next_sync_at
 )
-SELECT enabled, set_config('synchronous_commit', 'on', true) FROM job
+SELECT set_config('synchronous_commit', 'on', true),
+       CASE WHEN enabled AND next_sync_at <= now() + interval '5 minutes' THEN
+         pg_notify('syncworker', json_build_object(
+           'due_in', round(extract(epoch FROM next_sync_at - clock_timestamp())::numeric, 3))::text)::text
+       END
+  FROM job
 UNION ALL
 SELECT NULL, NULL WHERE CASE WHEN EXISTS (SELECT 1 FROM job) THEN false
                              ELSE syncworker.fenced(%(run_id)s) END;
@@ -173,8 +204,13 @@ INSERT INTO syncworker.sync_errors
 VALUES (%(integration_id)s, %(run_id)s, %(error_type)s, %(message)s, %(detail)s,
         %(record_key)s, %(context)s);
 
--- name: send_alert
--- Tell whoever listens on syncworker_alerts that a job was disabled.
+-- name: disable_after_run
+-- The run's end disables its job (its retries are used up, its row cannot be used): after
+-- finish_run, in the run's transaction; whoever listens on syncworker_alerts is told.
+WITH job AS (
+  UPDATE syncworker.integrations SET enabled = false, disabled_reason = %(reason)s
+   WHERE id = %(integration_id)s
+)
 SELECT pg_notify('syncworker_alerts', %(payload)s);
 
 -- name: abandon_run
@@ -224,7 +260,10 @@ WITH held AS MATERIALIZED (
          syncworker.terminate_session(pid)
     FROM overdue
 ), dead AS (
-  SELECT r.id FROM syncworker.sync_runs r
+  SELECT r.id, r.locked_at IS NOT NULL AS started,
+         EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('worker') AND key2 = r.worker_id)
+           AS claimer_alive
+    FROM syncworker.sync_runs r
    WHERE r.status = 'running'
      AND NOT EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('integration')
                                          AND key2 = r.integration_id)
@@ -233,8 +272,15 @@ WITH held AS MATERIALIZED (
           OR NOT EXISTS (SELECT 1 FROM held WHERE ns = syncworker.lock_key('worker')
                                              AND key2 = r.worker_id))
 ), rescued AS (
-  SELECT syncworker.abandon_run(id, 'the worker running it died or lost its database session')
-         AS integration_id
+  -- A run that never started (its lock never taken) cannot be what killed its worker: it does
+  -- not count toward the job's max_abandons.
+  SELECT syncworker.abandon_run(id, CASE WHEN started
+                                         THEN 'the worker running it died or lost its database session'
+                                         WHEN claimer_alive
+                                         THEN 'its worker did not start it within a minute of claiming it'
+                                         ELSE 'the worker that claimed it died or lost its database '
+                                              'session before the run started' END,
+                                started) AS integration_id
     FROM dead
 ), liveness AS (
   SELECT w.id, w.lost_at,

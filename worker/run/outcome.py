@@ -208,6 +208,11 @@ def not_recorded(failure: Failure) -> Failure:
     )
 
 
+def disable_params(job: Job, ending: Ending) -> dict[str, Any]:
+    """The parameters of `disable_after_run`: the job, why, and the alert's payload."""
+    return {"integration_id": job.id, "reason": ending.plan.disabled_reason, "payload": alert(job, ending)}
+
+
 def alert(job: Job, ending: Ending) -> str:
     """The JSON payload of `NOTIFY syncworker_alerts` when a job is disabled (always well
     under NOTIFY's 8000 bytes, whatever the name and the reason)."""

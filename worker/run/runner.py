@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,6 +31,11 @@ from worker.secrets import redact
 __all__ = ["Job", "PooledRunner", "Runner"]
 
 log = logging.getLogger("syncworker.run")
+
+# The most due jobs a run session claims in one statement, and how short its last run must
+# have been for it to claim more than one (see _Session).
+MAX_BATCH = 8
+QUICK_RUN = 0.1
 
 
 class Runner:
@@ -282,7 +289,7 @@ class Runner:
                     await cur.executemany(Q["record_error"], rows)
                 await cur.execute(Q["finish_run"], params)
                 if ending.plan.disabled_reason:
-                    await cur.execute(Q["send_alert"], {"payload": outcome.alert(job, ending)})
+                    await cur.execute(Q["disable_after_run"], outcome.disable_params(job, ending))
                 if following is None:
                     await cur.execute(b"COMMIT")
                 else:
@@ -292,9 +299,7 @@ class Runner:
                     await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
             lock.held = False
             if following is not None:
-                await following.collect()
-                if following.job is not None:
-                    self.census.claimed([following.job.run_id], replacing=True)
+                self.census.claimed(await following.collect(), replacing=True)
         except psycopg.Error as exc:
             if not is_fence(exc):
                 raise
@@ -327,7 +332,7 @@ class PooledRunner(Runner):
 
     async def run(self, job: Job, worker_id: int, more: Callable[[], bool]) -> None:
         """Run `job` on a session of its own; then, for as long as `more()` allows, the
-        due jobs that session claims, each in the same round trip as the previous
+        due jobs that session claims, each settled in the same round trip as the previous
         run's final commit."""
         for _ in range(3):
             try:
@@ -341,41 +346,76 @@ class PooledRunner(Runner):
     async def _serve(
         self, conn: AsyncConnection[TupleRow], job: Job, worker_id: int, more: Callable[[], bool]
     ) -> None:
+        session = _Session(conn, worker_id, self.census)
         current: Job | None = job
-        while current is not None:
-            logs.bind(current.name, current.run_id)
-            log.info("run started (trigger=%s, attempt=%s)", current.trigger, current.attempt)
-            following = _NextClaim(conn, worker_id) if more() else None
-            try:
-                await self._run_on(conn, current, following)
-                if following is not None and not following.done and more():
-                    announce = self.census.quiet()
-                    await following.claim(announce=announce)
-                    if following.job is not None:
-                        self.census.claimed([following.job.run_id], announced=announce)
-            except psycopg.OperationalError as exc:
-                # The session (and with it the lock) is gone: nothing of this run may commit.
-                log.warning("run session lost: %s", redact(str(exc)))
-                if outcome.server_timeout(exc) is not None:
-                    await self._ended_by_server(current, exc)
-                else:
-                    reason = f"the run lost its database session: {redact(str(exc))[:300]}"
-                    await self._abandon(current, reason)
-                # A claim may have committed without its reply reaching us: its run is
-                # the rescuer's now, so make sure the leader is looking.
-                self.census.announce()
-                return
-            except _StaleSession:
-                raise  # nothing happened yet: `run` takes another session
-            except Exception as exc:
-                # Nothing should get here; if something does, it is this run's failure, never
-                # a loop: the session (and whatever it holds) is closed, and the run is
-                # finished as failed from another session, fenced on being the live run.
-                log.error("run failed inside the worker", exc_info=exc)
-                await conn.close()
-                await self._fail_elsewhere(current, classify(exc, timed_out=False))
-                return
-            current = following.job if following is not None else None
+        try:
+            while current is not None:
+                logs.bind(current.name, current.run_id)
+                log.info("run started (trigger=%s, attempt=%s)", current.trigger, current.attempt)
+                session.started = time.monotonic()
+                following = _NextClaim(session) if more() else None
+                try:
+                    if not await self._serve_one(conn, current, following, more):
+                        return
+                except _StaleSession:
+                    if current is job:
+                        raise  # nothing happened yet: `run` takes another session
+                    session.queued.appendleft(current)  # never started: handed back below
+                    return
+                current = following.job if following is not None else None
+        finally:
+            if session.queued:
+                await self._hand_back(session.queued)
+
+    async def _serve_one(
+        self,
+        conn: AsyncConnection[TupleRow],
+        current: Job,
+        following: _NextClaim | None,
+        more: Callable[[], bool],
+    ) -> bool:
+        """Run `current` on `conn`, settling what follows it; False: the session is done for."""
+        try:
+            await self._run_on(conn, current, following)
+            if following is not None and not following.done and more():
+                announce = self.census.quiet()
+                self.census.claimed(await following.claim(announce=announce), announced=announce)
+        except psycopg.OperationalError as exc:
+            # The session (and with it the lock) is gone: nothing of this run may commit.
+            log.warning("run session lost: %s", redact(str(exc)))
+            if outcome.server_timeout(exc) is not None:
+                await self._ended_by_server(current, exc)
+            else:
+                reason = f"the run lost its database session: {redact(str(exc))[:300]}"
+                await self._abandon(current, reason)
+            # A claim may have committed without its reply reaching us: its run is
+            # the rescuer's now, so make sure the leader is looking.
+            self.census.announce()
+            return False
+        except _StaleSession:
+            raise
+        except Exception as exc:
+            # Nothing should get here; if something does, it is this run's failure, never
+            # a loop: the session (and whatever it holds) is closed, and the run is
+            # finished as failed from another session, fenced on being the live run.
+            log.error("run failed inside the worker", exc_info=exc)
+            await conn.close()
+            await self._fail_elsewhere(current, classify(exc, timed_out=False))
+            return False
+        return True
+
+    async def _hand_back(self, queued: deque[Job]) -> None:
+        """Runs this session claimed and did not start (the worker stops claiming, or the
+        session is gone), given back as if never claimed: due again at once, elsewhere."""
+        run_ids = [job.run_id for job in queued]
+        queued.clear()
+        for run_id in run_ids:
+            self.census.finishing(run_id)
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(Q["release_unstarted"], {"run_ids": run_ids})
+        except psycopg.OperationalError:
+            log.warning("could not give back %s claimed runs; the rescuer will", len(run_ids))
 
     async def _fail_elsewhere(self, job: Job, failure: Failure) -> str | None:
         """Finish `job`'s run as failed from a control session (its own session is closed);
@@ -422,43 +462,107 @@ class PooledRunner(Runner):
                 delay = min(delay * 2, 5.0)
 
 
-class _NextClaim:
-    """A run session's next job, claimed by that session (`claim` with its lock and run row).
+class _Session:
+    """A run session's own chain: the jobs it claimed and has not started yet (each still
+    without its lock), and how many to claim at once.
 
-    `queue()` adds the claim to an open pipeline, inside the finishing run's transaction:
-    the claim commits with the run's result, and COMMIT AND CHAIN opens the next run's
-    transaction at once.  `collect()` reads what was claimed once the pipeline is done.
-    `claim()` does it all in a round trip of its own.
+    A claim that finds as many due jobs as it asked for doubles the next one (up to
+    MAX_BATCH): under a backlog a session claims several jobs in one statement and starts
+    each in the round trip that ends the previous run.  One that finds fewer asks for one
+    again, and so does a session whose last run was not quick (QUICK_RUN): the jobs it would
+    claim ahead would wait behind runs like it.  A job waiting here holds no lock and has no
+    locked_at, so nothing times it out while it waits; a rescuer hands it back (uncounted)
+    only once its worker is gone, or after a minute.
     """
 
-    def __init__(self, conn: AsyncConnection[TupleRow], worker_id: int) -> None:
+    def __init__(self, conn: AsyncConnection[TupleRow], worker_id: int, census: Census) -> None:
         self.conn = conn
         self.worker_id = worker_id
-        self._claimed: psycopg.AsyncCursor[dict[str, Any]] | None = None
+        self.census = census
+        self.queued: deque[Job] = deque()
+        self.batch = 1
+        self.started = time.monotonic()  # of the session's current run
+
+    def claim_size(self) -> int:
+        """How many due jobs to claim now, the current run ending."""
+        return self.batch if time.monotonic() - self.started < QUICK_RUN else 1
+
+    def claimed(self, jobs: list[Job], asked: int) -> None:
+        """A claim of `asked` found `jobs` (the first runs now, the others wait here)."""
+        self.batch = min(asked * 2, MAX_BATCH) if len(jobs) >= asked else 1
+        self.queued.extend(jobs[1:])
+
+
+class _NextClaim:
+    """What a run session runs next: the next job it claimed earlier, or a fresh claim.
+
+    `queue()` adds to an open pipeline, inside the finishing run's transaction, either the
+    next waiting job's `begin_run` (its lock and locked_at) or a `claim` of up to the
+    session's batch of due jobs (the first locked at once): either commits with the run's
+    result, and COMMIT AND CHAIN opens the next run's transaction at once.  `collect()` reads
+    the outcome once the pipeline is done; `claim()` does it all in a round trip of its own.
+    """
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.conn = session.conn
+        self._cursor: psycopg.AsyncCursor[dict[str, Any]] | None = None
+        self._asked = 0
         self.done = False
         self.job: Job | None = None
 
     async def queue(self, *, announce: bool = False) -> None:
-        self._claimed = self.conn.cursor(row_factory=dict_row)
-        await self._claimed.execute(
-            Q["claim"], {"limit": 1, "lock": True, "worker_id": self.worker_id, "announce": announce}
+        self._cursor = self.conn.cursor(row_factory=dict_row)
+        if self.session.queued:
+            waiting = self.session.queued[0]
+            self._asked = 0
+            params = {"run_id": waiting.run_id, "integration_id": waiting.id}
+            await self._cursor.execute(Q["begin_run"], params)
+            return
+        self._asked = self.session.claim_size()
+        await self._cursor.execute(
+            Q["claim"],
+            {"limit": self._asked, "locks": 1, "worker_id": self.session.worker_id, "announce": announce},
         )
 
-    async def collect(self) -> None:
-        assert self._claimed is not None
-        row = await self._claimed.fetchone()
+    async def collect(self) -> list[int]:
+        """The next job, if any; returns the run ids this claimed (for the census)."""
+        assert self._cursor is not None
+        rows = await self._cursor.fetchall()
         self.done = True
-        if row is None:
+        if self._asked == 0:  # begin_run of the next waiting job
+            waiting = self.session.queued.popleft()
+            if rows:
+                self.job = dataclasses.replace(waiting, locked_at=rows[0]["db_now"])
+                return []
+            # abandoned while it waited (a rescuer): its lock is released, the transaction closed
+            log.info("run %s of %s was handed back while it waited; dropping it", waiting.run_id, waiting.id)
+            self.session.census.finishing(waiting.run_id)
+            await self.conn.rollback()
+            await _Lock(self.conn, waiting.id).release()
+            self.done = False  # the caller takes the next one on its own
+            return []
+        jobs = sorted((Job.from_row(row) for row in rows), key=lambda j: (j.locked_at is None, j.run_id))
+        if not jobs:
             await self.conn.rollback()  # nothing was due: close the transaction opened for it
-        else:
-            self.job = Job.from_row(row)
+            self.session.claimed(jobs, self._asked)
+            return []
+        self.job = jobs[0]
+        self.session.claimed(jobs, self._asked)
+        return [job.run_id for job in jobs]
 
-    async def claim(self, *, announce: bool) -> None:
+    async def claim(self, *, announce: bool) -> list[int]:
+        """On a round trip of its own: the next waiting job (taking its lock when it starts), or
+        a fresh claim.  Returns the run ids this claimed."""
+        if self.session.queued:
+            self.job = self.session.queued.popleft()
+            self.done = True
+            return []
         async with self.conn.pipeline(), self.conn.cursor() as cur:
             await cur.execute(b"BEGIN")
             await self.queue(announce=announce)
             await cur.execute(b"COMMIT AND CHAIN")
-        await self.collect()
+        return await self.collect()
 
 
 class _Lock:

@@ -9,7 +9,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from helpers import add_job, execute, one, rows
+from helpers import add_job, execute, one, rows, wait_for
 from worker.run.once import OneShotError, run_once
 
 
@@ -254,3 +254,42 @@ def test_a_fence_has_its_own_sqlstate_and_a_serialization_failure_is_not_one(job
             )
     assert fenced.value.sqlstate == FENCED_SQLSTATE and is_fence(fenced.value)
     assert not is_fence(conflict.value)
+
+
+def test_a_run_finished_but_not_yet_committed_is_not_rescued(db: str) -> None:
+    """The finish releases the run's lock before its transaction commits: a rescuer that looks
+    in between finds the run without its lock, waits on the rows the finish holds, and then
+    finds the run over.  Nothing is abandoned, the run is a success."""
+    import threading
+
+    from psycopg.rows import dict_row
+
+    from worker.db.queries import Q
+
+    add_job(db, "quick", "sql", {"statement": "SELECT 1"}, interval_seconds=3600)
+    claim = {"limit": 1, "locks": 1, "worker_id": None, "announce": False}
+    done = {"status": "success", "error_type": None, "error": None, "state": None, "retry_count": 0}
+    done |= {"disabled_reason": None, "next_sync_at": None, "slot": None, "scheduled_sync_at": None}
+    done |= dict.fromkeys(("records_processed", "records_failed", "records_inserted"), 0)
+    done |= dict.fromkeys(("records_updated", "records_deleted"), 0)
+    found: dict[str, int] = {}
+    with psycopg.connect(db, autocommit=True) as runner, psycopg.connect(db, autocommit=True) as rescuer:
+        run_id = runner.cursor(row_factory=dict_row).execute(Q["claim"], claim).fetchall()[0]["run_id"]
+        runner.execute("BEGIN")
+        runner.execute(Q["finish_run"], {**done, "run_id": run_id, "unlock": True})
+        assert one(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2") == 0
+
+        def rescue() -> None:
+            found["rescued"] = rescuer.execute(Q["rescue_abandoned"], {}).fetchone()[0]
+
+        looking = threading.Thread(target=rescue)
+        looking.start()
+        pid = rescuer.info.backend_pid
+        wait_for(
+            lambda: one(db, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]) == "Lock",
+            what="the rescuer to wait on the finishing run's rows",
+        )
+        runner.execute("COMMIT")
+        looking.join(10)
+    assert found == {"rescued": 0}
+    assert rows(db, "SELECT status FROM syncworker.sync_runs") == [{"status": "success"}]

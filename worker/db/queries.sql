@@ -156,7 +156,9 @@ RETURNING id;
 -- this transaction's commit durable (synchronous_commit on, for this transaction only), and
 -- wakes every replica's dispatcher if the job is due again within 5 minutes (a trigger that
 -- came during the run, a retry, a frequent schedule).  A run that disables its job does so
--- next, in the same transaction (disable_after_run).
+-- next, in the same transaction (disable_after_run).  With %(unlock)s it releases the run's
+-- integration lock, held by this session: a rescuer that finds the run without its lock
+-- before this transaction commits waits on the rows it holds, then finds the run over.
 WITH run AS (
   UPDATE syncworker.sync_runs
      SET status = %(status)s, finished_at = clock_timestamp(),
@@ -185,16 +187,17 @@ UPDATE syncworker.integrations i
                                 ELSE %(scheduled_sync_at)s::timestamptz END
   FROM run
  WHERE i.id = run.integration_id AND i.running_run_id = run.id
-RETURNING i.enabled, i.next_sync_at
+RETURNING i.id, i.enabled, i.next_sync_at
 )
 SELECT set_config('synchronous_commit', 'on', true),
        CASE WHEN enabled AND next_sync_at <= now() + interval '5 minutes' THEN
          pg_notify('syncworker', json_build_object(
            'due_in', round(extract(epoch FROM next_sync_at - clock_timestamp())::numeric, 3))::text)::text
-       END
+       END,
+       CASE WHEN %(unlock)s THEN pg_advisory_unlock(syncworker.lock_key('integration'), id::integer) END
   FROM job
 UNION ALL
-SELECT NULL, NULL WHERE CASE WHEN EXISTS (SELECT 1 FROM job) THEN false
+SELECT NULL, NULL, NULL WHERE CASE WHEN EXISTS (SELECT 1 FROM job) THEN false
                              ELSE syncworker.fenced(%(run_id)s) END;
 
 -- name: record_error

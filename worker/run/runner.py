@@ -274,9 +274,9 @@ class Runner:
         self.census.finishing(job.run_id)
         try:
             # One round trip: errors, the fenced final statement (which makes the commit
-            # durable), the alert, the next claim, COMMIT, and the lock's release only
-            # after the commit.  If finish_run finds the run fenced it raises, and the
-            # rest of the pipeline is skipped.
+            # durable and releases the run's lock), the alert, what this session runs next,
+            # COMMIT.  If finish_run finds the run fenced it raises, and the rest of the
+            # pipeline is skipped (the lock stays held until the run's session lets it go).
             async with conn.pipeline(), conn.cursor() as cur:
                 if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                     await cur.execute(b"BEGIN")  # after a rollback of the run's own work
@@ -287,7 +287,7 @@ class Runner:
                     await cur.execute(self.settings_statement)
                 if rows:
                     await cur.executemany(Q["record_error"], rows)
-                await cur.execute(Q["finish_run"], params)
+                await cur.execute(Q["finish_run"], {**params, "unlock": lock.held})
                 if ending.plan.disabled_reason:
                     await cur.execute(Q["disable_after_run"], outcome.disable_params(job, ending))
                 if following is None:
@@ -295,8 +295,6 @@ class Runner:
                 else:
                     await following.queue()  # commits with the run; the next run's transaction opens
                     await cur.execute(b"COMMIT AND CHAIN")
-                if lock.held:
-                    await cur.execute(Q["unlock_integration"], {"integration_id": job.id})
             lock.held = False
             if following is not None:
                 self.census.claimed(await following.collect(), replacing=True)

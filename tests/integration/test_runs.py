@@ -277,7 +277,8 @@ def test_a_run_finished_but_not_yet_committed_is_not_rescued(db: str) -> None:
         run_id = runner.cursor(row_factory=dict_row).execute(Q["claim"], claim).fetchall()[0]["run_id"]
         runner.execute("BEGIN")
         runner.execute(Q["finish_run"], {**done, "run_id": run_id, "unlock": True})
-        assert one(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2") == 0
+        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s"
+        assert one(db, held, [runner.info.backend_pid]) == 0
 
         def rescue() -> None:
             found["rescued"] = rescuer.execute(Q["rescue_abandoned"], {}).fetchone()[0]

@@ -534,7 +534,7 @@ class _NextClaim:
                 self.job = dataclasses.replace(waiting, locked_at=rows[0]["db_now"])
                 return []
             # abandoned while it waited (a rescuer): its lock is released, the transaction closed
-            log.info("run %s of %s was handed back while it waited; dropping it", waiting.run_id, waiting.id)
+            log.info("run %s of %s was handed back while it waited", waiting.run_id, waiting.name)
             self.session.census.finishing(waiting.run_id)
             await self.conn.rollback()
             await _Lock(self.conn, waiting.id).release()

@@ -332,6 +332,7 @@ def test_database_url_before_or_after_the_command(jobdb: str) -> None:
         ["run-once", "x", "--dry-run"],
         ["install-trigger", "x"],
         ["verify", "x"],
+        ["drop-slot", "x"],
         ["run"],
     ],
 )

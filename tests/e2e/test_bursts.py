@@ -211,3 +211,26 @@ def test_a_runs_bookkeeping_calls_no_trigger_function(jobdb: str, tmp_path: Path
             ORDER BY 1""",
     )
     assert called == []
+
+
+def test_a_run_session_keeps_its_prepared_statements_from_run_to_run(jobdb: str, tmp_path: Path) -> None:
+    """Triggered one at a time, each run ends its session's chain (its claim of a next job finds
+    nothing).  The session must keep the statements it prepared: a session that forgot them
+    would parse and plan the claim and the finish again for every run."""
+    execute(jobdb, "CREATE TABLE public.seen (id bigserial PRIMARY KEY, prepared int)")
+    probe = (
+        "INSERT INTO public.seen (prepared) SELECT count(*) FROM pg_prepared_statements"
+        " WHERE statement LIKE '%syncworker.sync_runs%'"
+    )
+    add_job(jobdb, "probe", "sql", {"statement": probe})
+    worker = WorkerProcess(jobdb, tmp_path / "worker.log", "--concurrency", "1")
+    try:
+        for i in range(1, 13):
+            execute(jobdb, "SELECT syncworker.trigger_sync('probe')")
+            wait_for(lambda i=i: successes(jobdb) >= i, timeout=20, what=f"run {i}")
+    finally:
+        worker.terminate()
+    seen = [r["prepared"] for r in rows(jobdb, "SELECT prepared FROM public.seen ORDER BY id")]
+    assert len(seen) == 12
+    # psycopg prepares a statement on its fifth use; by then the claim and the finish are.
+    assert min(seen[-3:]) >= 2, seen

@@ -328,10 +328,49 @@ class PooledRunner(Runner):
         self.run_pool = run_pool
         self.pool = pool
 
-    async def run(self, job: Job, worker_id: int, more: Callable[[], bool]) -> None:
-        """Run `job` on a session of its own; then, for as long as `more()` allows, the
-        due jobs that session claims, each settled in the same round trip as the previous
-        run's final commit."""
+    async def claim(
+        self, worker_id: int, limit: int, *, announce: bool
+    ) -> tuple[list[Job], AsyncConnection[TupleRow] | None]:
+        """The dispatcher's claim of up to `limit` due jobs, on a run session: the first job
+        comes back with its lock taken by that session and its run's transaction open, to be
+        run there at once (`run(..., session=)`); the others take their locks as they start.
+        Returns the jobs (the first one first) and that session (None: nothing was due)."""
+        conn = await self.run_pool.getconn()
+        try:
+            claim = conn.cursor(row_factory=dict_row)
+            async with conn.pipeline(), conn.cursor() as cur:
+                await cur.execute(b"BEGIN")
+                await claim.execute(
+                    Q["claim"], {"limit": limit, "locks": 1, "worker_id": worker_id, "announce": announce}
+                )
+                await cur.execute(b"COMMIT AND CHAIN")
+            rows = await claim.fetchall()
+        except BaseException:
+            await self.run_pool.putconn(conn)
+            raise
+        jobs = sorted((Job.from_row(row) for row in rows), key=lambda j: (j.locked_at is None, j.run_id))
+        if not jobs:
+            await _close_empty(conn)
+            await self.run_pool.putconn(conn)
+            return [], None
+        return jobs, conn
+
+    async def run(
+        self,
+        job: Job,
+        worker_id: int,
+        more: Callable[[], bool],
+        session: AsyncConnection[TupleRow] | None = None,
+    ) -> None:
+        """Run `job` on a session of its own (`session`, if its claim took its lock there);
+        then, for as long as `more()` allows, the due jobs that session claims, each settled
+        in the same round trip as the previous run's final commit."""
+        if session is not None:
+            try:
+                await self._serve(session, job, worker_id, more)
+            finally:
+                await self.run_pool.putconn(session)
+            return
         for _ in range(3):
             try:
                 async with self.run_pool.connection() as conn:
@@ -536,13 +575,13 @@ class _NextClaim:
             # abandoned while it waited (a rescuer): its lock is released, the transaction closed
             log.info("run %s of %s was handed back while it waited", waiting.run_id, waiting.name)
             self.session.census.finishing(waiting.run_id)
-            await self.conn.rollback()
+            await _close_empty(self.conn)
             await _Lock(self.conn, waiting.id).release()
             self.done = False  # the caller takes the next one on its own
             return []
         jobs = sorted((Job.from_row(row) for row in rows), key=lambda j: (j.locked_at is None, j.run_id))
         if not jobs:
-            await self.conn.rollback()  # nothing was due: close the transaction opened for it
+            await _close_empty(self.conn)  # nothing was due: close the transaction opened for it
             self.session.claimed(jobs, self._asked)
             return []
         self.job = jobs[0]
@@ -561,6 +600,13 @@ class _NextClaim:
             await self.queue(announce=announce)
             await cur.execute(b"COMMIT AND CHAIN")
         return await self.collect()
+
+
+async def _close_empty(conn: AsyncConnection[TupleRow]) -> None:
+    """Close the transaction COMMIT AND CHAIN opened, in which nothing happened: with COMMIT,
+    since a ROLLBACK makes psycopg forget (and deallocate) every statement the session has
+    prepared, and each run would then parse and plan its statements again."""
+    await conn.commit()
 
 
 class _Lock:

@@ -189,8 +189,13 @@ _KV_PASSWORD = re.compile(r"(?<![?&\w])(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)"
 _QUERY_PASSWORD = re.compile(r"([?&]password=)([^&\s]+)", re.IGNORECASE)
 
 
+_MAY_HOLD_PASSWORD = re.compile(r"@|password", re.IGNORECASE).search
+
+
 def redact_dsn(text: str) -> str:
     """Replace any password in a URL or key=value DSN inside `text` with ***."""
+    if not _MAY_HOLD_PASSWORD(text):  # each pattern below needs one or the other
+        return text
     text = _URL_PASSWORD.sub(r"\1***\3", text)
     text = _KV_PASSWORD.sub(r"\1***", text)
     return _QUERY_PASSWORD.sub(r"\1***", text)

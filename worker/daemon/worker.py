@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.rows import TupleRow
+from psycopg.rows import TupleRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from worker import connectors, db
@@ -155,7 +155,7 @@ class Worker:
         async with self.pool.connection() as conn:
             due_in = await self._due_in(conn) if recheck else 0.0
             if due_in <= 0:
-                self.more_due = await self._claim(free) == free
+                self.more_due = await self._claim(conn, free) == free
                 if self.more_due:  # every free slot is taken: a finishing run rings the alarm
                     self.alarm.ring_in(poll, recheck=True)
                     return
@@ -169,17 +169,20 @@ class Worker:
         else:
             self.alarm.ring_in(max(due_in, MIN_RECHECK))
 
-    async def _claim(self, limit: int) -> int:
-        """Claim up to `limit` due jobs and start a run for each; returns how many.  The claim
-        is made on a run session, which runs the first of them at once."""
-        assert self.listener.worker_id is not None
+    async def _claim(self, conn: AsyncConnection[TupleRow], limit: int) -> int:
+        """Claim up to `limit` due jobs and start a run for each; returns how many."""
+        cur = conn.cursor(row_factory=dict_row)
         announce = self.census.quiet()
-        jobs, session = await self.runner.claim(self.listener.worker_id, limit, announce=announce)
+        await cur.execute(
+            Q["claim"],
+            {"limit": limit, "locks": 0, "worker_id": self.listener.worker_id, "announce": announce},
+        )
+        jobs = [Job.from_row(row) for row in await cur.fetchall()]
         self.census.claimed([job.run_id for job in jobs], announced=announce)
         if jobs:
             self.unclaimable.reset()
-        for i, job in enumerate(jobs):
-            self._start_run(job, session if i == 0 else None)
+        for job in jobs:
+            self._start_run(job)
         return len(jobs)
 
     async def _due_in(self, conn: AsyncConnection[TupleRow]) -> float:
@@ -194,10 +197,10 @@ class Worker:
         """May a run session that is finishing a run claim the next due job itself?"""
         return not self.stopping and self._may_claim()
 
-    def _start_run(self, job: Job, session: AsyncConnection[TupleRow] | None = None) -> None:
+    def _start_run(self, job: Job) -> None:
         assert self.listener.worker_id is not None
         task = asyncio.create_task(
-            self.runner.run(job, self.listener.worker_id, self._may_continue, session),
+            self.runner.run(job, self.listener.worker_id, self._may_continue),
             name=f"runs from {job.run_id} {job.name}",
         )
         self.active.add(task)

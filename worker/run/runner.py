@@ -328,49 +328,10 @@ class PooledRunner(Runner):
         self.run_pool = run_pool
         self.pool = pool
 
-    async def claim(
-        self, worker_id: int, limit: int, *, announce: bool
-    ) -> tuple[list[Job], AsyncConnection[TupleRow] | None]:
-        """The dispatcher's claim of up to `limit` due jobs, on a run session: the first job
-        comes back with its lock taken by that session and its run's transaction open, to be
-        run there at once (`run(..., session=)`); the others take their locks as they start.
-        Returns the jobs (the first one first) and that session (None: nothing was due)."""
-        conn = await self.run_pool.getconn()
-        try:
-            claim = conn.cursor(row_factory=dict_row)
-            async with conn.pipeline(), conn.cursor() as cur:
-                await cur.execute(b"BEGIN")
-                await claim.execute(
-                    Q["claim"], {"limit": limit, "locks": 1, "worker_id": worker_id, "announce": announce}
-                )
-                await cur.execute(b"COMMIT AND CHAIN")
-            rows = await claim.fetchall()
-        except BaseException:
-            await self.run_pool.putconn(conn)
-            raise
-        jobs = sorted((Job.from_row(row) for row in rows), key=lambda j: (j.locked_at is None, j.run_id))
-        if not jobs:
-            await _close_empty(conn)
-            await self.run_pool.putconn(conn)
-            return [], None
-        return jobs, conn
-
-    async def run(
-        self,
-        job: Job,
-        worker_id: int,
-        more: Callable[[], bool],
-        session: AsyncConnection[TupleRow] | None = None,
-    ) -> None:
-        """Run `job` on a session of its own (`session`, if its claim took its lock there);
-        then, for as long as `more()` allows, the due jobs that session claims, each settled
-        in the same round trip as the previous run's final commit."""
-        if session is not None:
-            try:
-                await self._serve(session, job, worker_id, more)
-            finally:
-                await self.run_pool.putconn(session)
-            return
+    async def run(self, job: Job, worker_id: int, more: Callable[[], bool]) -> None:
+        """Run `job` on a session of its own; then, for as long as `more()` allows, the
+        due jobs that session claims, each settled in the same round trip as the previous
+        run's final commit."""
         for _ in range(3):
             try:
                 async with self.run_pool.connection() as conn:

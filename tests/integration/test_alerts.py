@@ -362,6 +362,10 @@ def test_the_leader_of_a_running_worker_delivers(jobdb: str, tmp_path: Path) -> 
                     if receiver.bodies["webhook"]:
                         break
                     await asyncio.sleep(0.1)
+                # The leader marks the alert sent once the webhook has answered: stopping the
+                # worker before then would leave it unmarked (and sent again by the next leader).
+                sent = "SELECT count(*) FROM syncworker.alerts WHERE sent_at IS NOT NULL"
+                await asyncio.to_thread(wait_for, lambda: one(jobdb, sent), 10.0)
             received.extend(receiver.bodies["webhook"])
 
     run(scenario)

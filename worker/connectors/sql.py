@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, capabilities, generators, sql
+from psycopg.abc import PQGen
+from psycopg.pq import ExecStatus
+from psycopg.pq.abc import PGconn, PGresult
 from psycopg.rows import dict_row
+from psycopg.waiting import Wait
 
 from worker import db, secrets
 from worker.connectors.base import (
@@ -125,7 +129,8 @@ class SqlConnector(Connector):
     database, so its effects commit if and only if the run is recorded as done.
     With `dsn` (a secret reference) it runs on that database in its own transaction.
     With `run_as` it runs as that role (see the module's docstring).
-    `records_processed` is the number of rows the statement affected.
+    `records_processed` is the number of rows the statement returned or affected (all its
+    statements together); returned rows are counted as they stream in, never kept.
     """
 
     kind = "sql"
@@ -156,10 +161,15 @@ class SqlConnector(Connector):
             return RunResult(records_processed=await execute(ctx.conn, config, allow_superuser=allow))
         dsn = secrets.resolve(config.dsn, "dsn")
         ctx.log.info("running statement on %s", db.describe_target(dsn))
-        async with await psycopg.AsyncConnection.connect(dsn, **db.connect_kwargs()) as conn:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, **db.connect_kwargs()) as conn:
+            # On its own the statement is its own transaction there (a procedure may COMMIT);
+            # run_as needs a transaction block for its fence, a dry run one to roll back.
+            block = ctx.dry_run or config.run_as is not None
+            if block:
+                await conn.execute(b"BEGIN")
             rowcount = await execute(conn, config, allow_superuser=allow)
-            if ctx.dry_run:
-                await conn.rollback()
+            if block:
+                await (conn.rollback() if ctx.dry_run else conn.commit())
         return RunResult(records_processed=rowcount)
 
 
@@ -173,9 +183,62 @@ async def execute(conn: AsyncConnection[Any], config: SqlConfig, *, allow_superu
     if problem is not None:
         raise EnvironmentProblem("run_as", problem)
     if config.run_as is None:
-        cur = await conn.execute(config.statement.encode(), config.params)
-        return max(cur.rowcount, 0)
+        return await _counted(conn, config.statement, config.params)
     return await _fenced(conn, config.run_as, config.statement, config.params)
+
+
+# Rows a statement returns arrive in chunks of this many (one at a time where libpq is older
+# than 17), are counted, and are dropped.
+_CHUNK = 1000
+
+
+async def _counted(conn: AsyncConnection[Any], statement: str, params: Any) -> int:
+    """Run `statement` (one or more statements; `params` bound into it as literals) in the
+    session's open transaction, and return the rows it returned or affected, all statements
+    together.  The rows are never kept: a statement that returns a hundred million rows costs
+    the run time, not the worker's memory."""
+    text = psycopg.AsyncClientCursor(conn).mogrify(statement, params) if params is not None else statement
+    count, error = await conn.wait(_count_rows(conn.pgconn, text.encode(conn.info.encoding)))
+    if error is not None:
+        raise psycopg.errors.error_from_result(error, encoding=conn.info.encoding)
+    return count
+
+
+def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | None]]:
+    """Send `query` and read every result it brings back, counting rows and keeping none:
+    (count, the first error or None).  COPY TO STDOUT is read and dropped like rows; COPY
+    FROM STDIN is ended at once with an error (a job has no data to send)."""
+    pgconn.send_query(query)
+    if capabilities.has_stream_chunked():
+        pgconn.set_chunked_rows_mode(_CHUNK)
+    else:
+        pgconn.set_single_row_mode()
+    yield from generators.send(pgconn)
+    count = 0
+    error: PGresult | None = None
+    while (res := (yield from generators.fetch(pgconn))) is not None:
+        status = res.status
+        if status in (ExecStatus.SINGLE_TUPLE, ExecStatus.TUPLES_CHUNK, ExecStatus.TUPLES_OK):
+            count += res.ntuples  # a result set's closing TUPLES_OK holds no rows
+        elif status == ExecStatus.COMMAND_OK and res.command_tuples is not None:
+            count += res.command_tuples
+        elif status == ExecStatus.COPY_OUT:
+            yield from _drop_copy_data(pgconn)
+        elif status == ExecStatus.COPY_IN:
+            while pgconn.put_copy_end(b"a sql job has no data to COPY FROM STDIN") == 0:
+                yield Wait.W
+            yield from generators.send(pgconn)
+        elif status == ExecStatus.FATAL_ERROR and error is None:
+            error = res
+    return count, error
+
+
+def _drop_copy_data(pgconn: PGconn) -> PQGen[None]:
+    """Read a COPY TO STDOUT to its end, keeping nothing (its row count comes after)."""
+    while (got := pgconn.get_copy_data(1)[0]) >= 0:
+        if got == 0:  # nothing buffered yet
+            yield Wait.R
+            pgconn.consume_input()
 
 
 async def _fenced(conn: AsyncConnection[Any], role: str, statement: str, params: Any) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from helpers import WorkerProcess, add_job, execute, one, rows, wait_for, workers
+from helpers import WorkerProcess, add_job, execute, one, rows, wait_for, worker_env, workers
 
 pytestmark = pytest.mark.e2e
 
@@ -419,6 +419,52 @@ def test_hostile_statements_in_sql_jobs_leak_no_lock_and_stall_no_other_job(
         assert counts[name]["abandoned"] <= 1, (name, counts[name])
     assert "run task crashed" not in output and "Traceback" not in output, output[-3000:]
     assert stuck == 0
+
+
+def test_what_a_job_leaves_on_its_session_is_gone_before_the_next_job_runs(
+    jobdb: str, tmp_path: Path
+) -> None:
+    """One run session (concurrency 1), so every run is on the session the previous one left.
+    A temporary table must not outlive its run: the job that makes one could not run twice
+    (`relation "staging" already exists`), and one named like a real table would take
+    another job's rows (pg_temp comes first in the search path).  A LISTEN and a cursor
+    WITH HOLD must not outlive the session's stay with its jobs: a listening session idle in
+    the pool keeps the server's notification queue from being cleaned."""
+    execute(jobdb, "CREATE TABLE public.target (x int, listening bigint, cursors bigint)")
+    leaves = (
+        "CREATE TEMP TABLE staging AS SELECT 1 AS x; "
+        "CREATE TEMP TABLE target (x int, listening bigint, cursors bigint); "
+        "LISTEN job_channel; DECLARE held CURSOR WITH HOLD FOR SELECT 1; "
+        "INSERT INTO public.job_rows (run_id) SELECT x FROM staging"
+    )
+    looks = (
+        "INSERT INTO target SELECT 1, (SELECT count(*) FROM pg_listening_channels()), "
+        "(SELECT count(*) FROM pg_cursors)"
+    )
+    add_job(jobdb, "leaves", "sql", {"statement": leaves}, next_sync_at=None)
+    add_job(jobdb, "looks", "sql", {"statement": looks}, next_sync_at=None)
+
+    def succeeded(name: str, count: int) -> bool:
+        return sum(r["status"] == "success" for r in runs_of(jobdb, name)) >= count
+
+    env = {**worker_env(jobdb), "SYNCWORKER_CONCURRENCY": "1"}
+    with workers(jobdb, tmp_path, 1, env=env) as procs:
+        for turn in range(1, 4):
+            # One at a time: the session goes back to the pool between them.
+            execute(jobdb, "SELECT syncworker.trigger_sync('leaves')")
+            wait_for(lambda t=turn: succeeded("leaves", t), timeout=20, what=f"run {turn} of leaves")
+            time.sleep(0.3)
+            execute(jobdb, "SELECT syncworker.trigger_sync('looks')")
+            wait_for(lambda t=turn: succeeded("looks", t), timeout=20, what=f"run {turn} of looks")
+        # Both at once: the session may run them one after the other in a chain.
+        execute(jobdb, "SELECT syncworker.trigger_sync('leaves'), syncworker.trigger_sync('looks')")
+        wait_for(lambda: succeeded("leaves", 4) and succeeded("looks", 4), timeout=20, what="both again")
+        assert_alive(procs)
+    for name in ("leaves", "looks"):
+        assert [r["status"] for r in runs_of(jobdb, name)] == ["success"] * 4, runs_of(jobdb, name)
+    seen = rows(jobdb, "SELECT listening, cursors FROM public.target ORDER BY ctid")
+    assert len(seen) == 4  # every row of looks reached the real table
+    assert seen[:3] == [{"listening": 0, "cursors": 0}] * 3
 
 
 # -- odd values the database accepts but Python cannot read ---------------------------------------

@@ -52,15 +52,22 @@ MAX_RECHECK = 2.0
 BOOKKEEPING = {"synchronous_commit": "off", "syncworker.announces_runs": "on"}
 
 
-CLEAN_SESSION = b"SELECT pg_advisory_unlock_all(); RESET ALL; RESET ROLE"
+CLEAN_SESSION = b"SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL; RESET ROLE; DISCARD TEMP"
 """A run session going back to the pool: nothing a job did to it may outlive the job.
 
-Jobs run their own statements on it (`SET ROLE`, `SET statement_timeout`, ...): RESET returns
-to the startup options (or, where a pooler kept them from the server, the worker sets its
-settings again).  No integration lock may stay with a session that runs nothing: every
-advisory lock it holds is released (one round trip; pg_locks is not read, which would stall
-every session taking a lock meanwhile).
+Jobs run their own statements on it (`SET ROLE`, `SET statement_timeout`, `LISTEN`, `DECLARE
+... WITH HOLD`, `CREATE TEMP TABLE`, ...): RESET returns to the startup options (or, where a
+pooler kept them from the server, the worker sets its settings again), cursors close, the
+session stops listening (a listening session idle in the pool would keep the server's
+notification queue from being cleaned), temporary objects go.  No integration lock may stay
+with a session that runs nothing: every advisory lock it holds is released (one round trip;
+pg_locks is not read, which would stall every session taking a lock meanwhile).  Each run also
+ends with RESET ALL, RESET ROLE and DISCARD TEMP (the runner's finish).
 """
+
+
+def _drop_notification(_: psycopg.Notify) -> None:
+    """Notifications on a run session are a job's: nobody reads them."""
 
 
 class StartupError(Exception):
@@ -97,7 +104,7 @@ class Worker:
             max_size=settings.concurrency,
             open=False,
             name="runs",
-            configure=self._configure_session,
+            configure=self._configure_run_session,
             reset=self._clean_session,
         )
         self.census = Census(self._announce_runs)
@@ -415,6 +422,12 @@ class Worker:
         """A new pooled session: the worker's settings, if startup options cannot carry them."""
         if self.by_set:
             await conn.execute(db.settings_statement(**BOOKKEEPING))
+
+    async def _configure_run_session(self, conn: AsyncConnection[TupleRow]) -> None:
+        """A new run session: as any pooled session, and the notifications a job's LISTEN
+        brings are dropped as they arrive (psycopg would keep them for ever)."""
+        conn.add_notify_handler(_drop_notification)
+        await self._configure_session(conn)
 
     async def _clean_session(self, conn: AsyncConnection[TupleRow]) -> None:
         again = b"; " + db.settings_statement(**BOOKKEEPING) if self.by_set else b""

@@ -280,9 +280,11 @@ class Runner:
             async with conn.pipeline(), conn.cursor() as cur:
                 if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                     await cur.execute(b"BEGIN")  # after a rollback of the run's own work
-                # Whatever the job SET (a timeout, a role, a search_path) ends with the job.
+                # Whatever the job SET (a timeout, a role, a search_path) ends with the job, and
+                # so do its temporary tables (the next run on this session may make its own).
                 await cur.execute(b"RESET ALL")
                 await cur.execute(b"RESET ROLE")
+                await cur.execute(b"DISCARD TEMP")
                 if self.settings_statement is not None:
                     await cur.execute(self.settings_statement)
                 if rows:

@@ -276,7 +276,7 @@ def test_a_run_finished_but_not_yet_committed_is_not_rescued(db: str) -> None:
     with psycopg.connect(db, autocommit=True) as runner, psycopg.connect(db, autocommit=True) as rescuer:
         run_id = runner.cursor(row_factory=dict_row).execute(Q["claim"], claim).fetchall()[0]["run_id"]
         runner.execute("BEGIN")
-        runner.execute(Q["finish_run"], {**done, "run_id": run_id, "unlock": True})
+        runner.execute(Q["finish_run"], {**done, "run_id": run_id, "unlock": True, "durable": True})
         held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s"
         assert one(db, held, [runner.info.backend_pid]) == 0
 
@@ -294,3 +294,38 @@ def test_a_run_finished_but_not_yet_committed_is_not_rescued(db: str) -> None:
         looking.join(10)
     assert found == {"rescued": 0}
     assert rows(db, "SELECT status FROM syncworker.sync_runs") == [{"status": "success"}]
+
+
+def test_a_finish_waits_for_the_wal_flush_only_when_its_run_reached_outside(db: str) -> None:
+    """The worker's sessions commit their bookkeeping without waiting for the WAL flush; a
+    finish makes its own commit durable when asked (a run whose effects are not all in its
+    transaction), and leaves it alone otherwise (a crash would lose the run's effects with its
+    record, and the job would run again)."""
+    from psycopg.rows import dict_row
+
+    from worker.connectors import get
+    from worker.db.queries import Q
+
+    claim = {"limit": 1, "locks": 1, "worker_id": None, "announce": False}
+    done = {"status": "success", "error_type": None, "error": None, "state": None, "retry_count": 0}
+    done |= {"disabled_reason": None, "next_sync_at": None, "slot": None, "scheduled_sync_at": None}
+    done |= dict.fromkeys(("records_processed", "records_failed", "records_inserted"), 0)
+    done |= dict.fromkeys(("records_updated", "records_deleted"), 0)
+    settings: dict[bool, str] = {}
+    for durable in (False, True):
+        add_job(db, f"job-{durable}", "sql", {"statement": "SELECT 1"}, interval_seconds=3600)
+        with psycopg.connect(db, autocommit=True, options="-c synchronous_commit=off") as conn:
+            run_id = conn.cursor(row_factory=dict_row).execute(Q["claim"], claim).fetchall()[0]["run_id"]
+            conn.execute("BEGIN")
+            conn.execute(Q["finish_run"], {**done, "run_id": run_id, "unlock": True, "durable": durable})
+            settings[durable] = conn.execute("SELECT current_setting('synchronous_commit')").fetchone()[0]
+            conn.execute("COMMIT")
+    assert settings == {False: "off", True: "on"}
+    assert one(db, "SELECT count(*) FROM syncworker.sync_runs WHERE status = 'success'") == 2
+
+    # Which runs do without: a sql job on the control database, nothing else.
+    sql = get("sql")
+    assert sql.contained(sql.validate({"statement": "SELECT 1"}))
+    assert not sql.contained(sql.validate({"statement": "SELECT 1", "dsn": {"env": "OTHER_DSN"}}))
+    python = get("python")
+    assert not python.contained(python.validate({"callable": "jobs:count_up"}))

@@ -189,6 +189,15 @@ class Connector(ABC):
     async def run(self, ctx: RunContext) -> RunResult:
         """Do one sync.  Raise SyncError (or any exception) to fail the run."""
 
+    def contained(self, config: Any) -> bool:
+        """Whether every effect of a run is in the run's own transaction on the control
+        database (`config` as `validate` returned it).  Such a run's final commit need not
+        wait for the WAL flush: a server crash that loses it loses the run's effects with it,
+        and the job runs again.  Any run that reaches outside (an API, another database,
+        Redis, a child process) commits durably, so that what it did outside and its state
+        cannot part."""
+        return False
+
     def realtime_source(self, config: Any) -> RealtimeSource | None:
         """For jobs that want runs on change: where to LISTEN (`config` as `validate` returned it)."""
         return None

@@ -154,6 +154,9 @@ class SqlConnector(Connector):
             raise ConfigError("run_as", f"expected a role name of 1 to {_MAX_ROLE_NAME} bytes")
         return SqlConfig(statement, params, dsn, run_as)
 
+    def contained(self, config: Any) -> bool:
+        return config.dsn is None  # on the control database, in the run's transaction
+
     async def run(self, ctx: RunContext) -> RunResult:
         config: SqlConfig = ctx.config
         allow = ctx.allow_superuser_jobs

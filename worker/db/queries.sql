@@ -152,8 +152,9 @@ RETURNING id;
 
 -- name: finish_run
 -- Close the run and reschedule its job in one statement; raises if the run is no longer live
--- (fenced), which aborts the transaction so that nothing of the run commits.  It also makes
--- this transaction's commit durable (synchronous_commit on, for this transaction only), and
+-- (fenced), which aborts the transaction so that nothing of the run commits.  With
+-- %(durable)s it also makes this transaction's commit durable (synchronous_commit on, for this
+-- transaction only: a run whose effects are all in this transaction does without), and
 -- wakes every replica's dispatcher if the job is due again within 5 minutes (a trigger that
 -- came during the run, a retry, a frequent schedule).  A run that disables its job does so
 -- next, in the same transaction (disable_after_run).  With %(unlock)s it releases the run's
@@ -189,7 +190,7 @@ UPDATE syncworker.integrations i
  WHERE i.id = run.integration_id AND i.running_run_id = run.id
 RETURNING i.id, i.enabled, i.next_sync_at
 )
-SELECT set_config('synchronous_commit', 'on', true),
+SELECT CASE WHEN %(durable)s THEN set_config('synchronous_commit', 'on', true) END,
        CASE WHEN enabled AND next_sync_at <= now() + interval '5 minutes' THEN
          pg_notify('syncworker', json_build_object(
            'due_in', round(extract(epoch FROM next_sync_at - clock_timestamp())::numeric, 3))::text)::text

@@ -157,6 +157,9 @@ class Runner:
 
         ctx = self._context(conn, job, config)
         ctx.period_seconds = period
+        # A run whose effects all commit with its record may commit without waiting for the
+        # WAL flush; hooks act outside once it has committed, so theirs waits.
+        durable = not connector.contained(config) or bool(after_success)
         deadline = asyncio.timeout(job.timeout_seconds)
         try:
             async with deadline:
@@ -183,13 +186,15 @@ class Runner:
             log.error("run failed (%s): %s", failure.error_type, failure.message)
             ending = self._failed(job, sched, clock.now(), failure)
             return await self._finish(
-                lock, job, ending, RunResult(), ctx.errors, ctx.failed_records, following
+                lock, job, ending, RunResult(), ctx.errors, ctx.failed_records, following, durable=durable
             )
 
         ending = outcome.succeeded(job, sched, clock.now(), ctx.failed_records)
         # Hooks run after the commit on this session: the next claim waits for them.
         chained = None if after_success else following
-        final = await self._finish(lock, job, ending, result, ctx.errors, ctx.failed_records, chained)
+        final = await self._finish(
+            lock, job, ending, result, ctx.errors, ctx.failed_records, chained, durable=durable
+        )
         if after_success and final in ("success", "partial"):
             await self._after_success(conn, job, after_success)
         return final
@@ -227,6 +232,8 @@ class Runner:
         record_errors: list[RecordError],
         failed_records: int,
         following: _NextClaim | None,
+        *,
+        durable: bool = True,
     ) -> str:
         """Record the run's end, its errors and the job's next slot in one fenced transaction,
         and claim the session's next job (`following`) in the same round trip.
@@ -237,7 +244,7 @@ class Runner:
         """
         try:
             return await self._commit_finish(
-                lock, job, ending, result, record_errors, failed_records, following
+                lock, job, ending, result, record_errors, failed_records, following, durable=durable
             )
         except psycopg.OperationalError:
             raise
@@ -262,6 +269,8 @@ class Runner:
         record_errors: list[RecordError],
         failed_records: int,
         following: _NextClaim | None,
+        *,
+        durable: bool = True,
     ) -> str:
         rows = [
             {**row, "context": Jsonb(row["context"])}
@@ -289,7 +298,7 @@ class Runner:
                     await cur.execute(self.settings_statement)
                 if rows:
                     await cur.executemany(Q["record_error"], rows)
-                await cur.execute(Q["finish_run"], {**params, "unlock": lock.held})
+                await cur.execute(Q["finish_run"], {**params, "unlock": lock.held, "durable": durable})
                 if ending.plan.disabled_reason:
                     await cur.execute(Q["disable_after_run"], outcome.disable_params(job, ending))
                 if following is None:

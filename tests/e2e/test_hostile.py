@@ -467,6 +467,25 @@ def test_what_a_job_leaves_on_its_session_is_gone_before_the_next_job_runs(
     assert seen[:3] == [{"listening": 0, "cursors": 0}] * 3
 
 
+def test_a_job_that_drops_the_sessions_prepared_statements_fails_no_run(jobdb: str, tmp_path: Path) -> None:
+    """`DEALLOCATE ALL` in a job drops the worker's prepared statements on that session too
+    (the finish, the claim): the worker must prepare them again, not fail the next finish."""
+    add_job(jobdb, "dealloc", "sql", {"statement": "DEALLOCATE ALL"}, interval_seconds=1)
+    add_job(jobdb, "other", "sql", {"statement": "SELECT 1"}, interval_seconds=1)
+
+    def enough() -> bool:
+        # Statements are prepared from their fifth use: well past that, on one session.
+        return all(len(runs_of(jobdb, name)) >= 8 for name in ("dealloc", "other"))
+
+    env = {**worker_env(jobdb), "SYNCWORKER_CONCURRENCY": "1"}
+    with workers(jobdb, tmp_path, 1, env=env) as procs:
+        wait_for(enough, timeout=40, interval=0.2, what="8 runs of each job")
+        assert_alive(procs)
+    for name in ("dealloc", "other"):
+        statuses = {r["status"] for r in runs_of(jobdb, name) if r["status"] != "running"}
+        assert statuses == {"success"}, runs_of(jobdb, name)
+
+
 # -- odd values the database accepts but Python cannot read ---------------------------------------
 
 

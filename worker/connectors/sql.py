@@ -201,16 +201,21 @@ async def _counted(conn: AsyncConnection[Any], statement: str, params: Any) -> i
     together.  The rows are never kept: a statement that returns a hundred million rows costs
     the run time, not the worker's memory."""
     text = psycopg.AsyncClientCursor(conn).mogrify(statement, params) if params is not None else statement
-    count, error = await conn.wait(_count_rows(conn.pgconn, text.encode(conn.info.encoding)))
+    count, error, deallocated = await conn.wait(_count_rows(conn.pgconn, text.encode(conn.info.encoding)))
+    if deallocated:
+        # The job dropped every prepared statement of the session, the worker's too: psycopg
+        # must forget its own and prepare them again (it cannot see what ran around it).
+        conn._prepared.clear()  # psycopg has no public call for this
     if error is not None:
         raise psycopg.errors.error_from_result(error, encoding=conn.info.encoding)
     return count
 
 
-def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | None]]:
+def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | None, bool]]:
     """Send `query` and read every result it brings back, counting rows and keeping none:
-    (count, the first error or None).  COPY TO STDOUT is read and dropped like rows; COPY
-    FROM STDIN is ended at once with an error (a job has no data to send)."""
+    (count, the first error or None, whether it ran DEALLOCATE ALL).  COPY TO STDOUT is read
+    and dropped like rows; COPY FROM STDIN is ended at once with an error (a job has no data
+    to send)."""
     pgconn.send_query(query)
     if capabilities.has_stream_chunked():
         pgconn.set_chunked_rows_mode(_CHUNK)
@@ -219,12 +224,14 @@ def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | Non
     yield from generators.send(pgconn)
     count = 0
     error: PGresult | None = None
+    deallocated = False
     while (res := (yield from generators.fetch(pgconn))) is not None:
         status = res.status
         if status in (ExecStatus.SINGLE_TUPLE, ExecStatus.TUPLES_CHUNK, ExecStatus.TUPLES_OK):
             count += res.ntuples  # a result set's closing TUPLES_OK holds no rows
-        elif status == ExecStatus.COMMAND_OK and res.command_tuples is not None:
-            count += res.command_tuples
+        elif status == ExecStatus.COMMAND_OK:
+            count += res.command_tuples or 0
+            deallocated = deallocated or res.command_status == b"DEALLOCATE ALL"
         elif status == ExecStatus.COPY_OUT:
             yield from _drop_copy_data(pgconn)
         elif status == ExecStatus.COPY_IN:
@@ -233,7 +240,7 @@ def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | Non
             yield from generators.send(pgconn)
         elif status == ExecStatus.FATAL_ERROR and error is None:
             error = res
-    return count, error
+    return count, error, deallocated
 
 
 def _drop_copy_data(pgconn: PGconn) -> PQGen[None]:

@@ -157,9 +157,7 @@ class Runner:
 
         ctx = self._context(conn, job, config)
         ctx.period_seconds = period
-        # A run whose effects all commit with its record may commit without waiting for the
-        # WAL flush; hooks act outside once it has committed, so theirs waits.
-        durable = not connector.contained(config) or bool(after_success)
+        durable = not connector.contained(config) or bool(after_success)  # hooks act outside
         deadline = asyncio.timeout(job.timeout_seconds)
         try:
             async with deadline:

@@ -146,3 +146,35 @@ def test_a_procedure_that_commits_runs_on_another_database(
     )
     assert run(jobdb, "remote-insert", dry_run=True).result.records_processed == 1
     assert one(empty_db, "SELECT count(*) FROM batches") == 3
+
+
+@pytest.mark.parametrize("ending", ["COMMIT", "ROLLBACK", "END"])
+def test_a_statement_that_ends_the_runs_transaction_disables_its_job(
+    jobdb: str, ending: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the control database the statement runs in the run's transaction, so that its work
+    commits with the run's record (and not at all if the run is fenced).  One that ends that
+    transaction itself breaks the promise: the job is disabled with the reason, once."""
+    add_job(
+        jobdb,
+        "ends",
+        "sql",
+        {"statement": f"INSERT INTO public.ticks DEFAULT VALUES; {ending}"},
+        interval_seconds=60,
+    )
+    assert run(jobdb, "ends").status == "failed"
+    row = rows(jobdb, "SELECT enabled, disabled_reason, last_error FROM syncworker.integrations")[0]
+    assert row["enabled"] is False and "ended the run's transaction" in row["disabled_reason"]
+    assert one(jobdb, "SELECT error_type FROM syncworker.sync_errors") == "config_invalid"
+    # With a dsn (here the same database) it is the statement's own business.
+    execute(
+        jobdb,
+        "UPDATE syncworker.integrations SET enabled = true, disabled_reason = NULL, config = %s",
+        (
+            '{"statement": "INSERT INTO public.ticks DEFAULT VALUES; COMMIT; '
+            'INSERT INTO public.ticks DEFAULT VALUES", "dsn": {"env": "SELF_DSN"}}',
+        ),
+    )
+    monkeypatch.setenv("SELF_DSN", jobdb)
+    assert run(jobdb, "ends").status == "success"
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") == 2 + (ending == "COMMIT") + (ending == "END")

@@ -53,6 +53,15 @@ END
 $fence$"""
 
 
+# A statement on the control database runs in the run's transaction, which only the run's
+# finish may end.
+_ENDED_THE_RUN = (
+    "ended the run's transaction (COMMIT or ROLLBACK): what it did can no longer commit with "
+    "the run's record (what it committed stays committed); a statement that manages its own "
+    "transactions needs a dsn (which may name this same database)"
+)
+
+
 @dataclass(frozen=True)
 class SqlConfig:
     statement: str
@@ -161,7 +170,10 @@ class SqlConnector(Connector):
         config: SqlConfig = ctx.config
         allow = ctx.allow_superuser_jobs
         if config.dsn is None:
-            return RunResult(records_processed=await execute(ctx.conn, config, allow_superuser=allow))
+            count = await execute(ctx.conn, config, allow_superuser=allow)
+            if ctx.conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+                raise ConfigError("statement", _ENDED_THE_RUN)
+            return RunResult(records_processed=count)
         dsn = secrets.resolve(config.dsn, "dsn")
         ctx.log.info("running statement on %s", db.describe_target(dsn))
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, **db.connect_kwargs()) as conn:

@@ -170,9 +170,7 @@ class SqlConnector(Connector):
         config: SqlConfig = ctx.config
         allow = ctx.allow_superuser_jobs
         if config.dsn is None:
-            count = await execute(ctx.conn, config, allow_superuser=allow)
-            if ctx.conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
-                raise ConfigError("statement", _ENDED_THE_RUN)
+            count = await execute(ctx.conn, config, allow_superuser=allow, in_run=True)
             return RunResult(records_processed=count)
         dsn = secrets.resolve(config.dsn, "dsn")
         ctx.log.info("running statement on %s", db.describe_target(dsn))
@@ -188,7 +186,9 @@ class SqlConnector(Connector):
         return RunResult(records_processed=rowcount)
 
 
-async def execute(conn: AsyncConnection[Any], config: SqlConfig, *, allow_superuser: bool) -> int:
+async def execute(
+    conn: AsyncConnection[Any], config: SqlConfig, *, allow_superuser: bool, in_run: bool = False
+) -> int:
     """Run the job's statement on `conn` (in its open transaction); the rows it affected.
 
     Refused (EnvironmentProblem, before anything runs) when `refusal` says so.
@@ -198,7 +198,7 @@ async def execute(conn: AsyncConnection[Any], config: SqlConfig, *, allow_superu
     if problem is not None:
         raise EnvironmentProblem("run_as", problem)
     if config.run_as is None:
-        return await _counted(conn, config.statement, config.params)
+        return await _counted(conn, config.statement, config.params, in_run=in_run)
     return await _fenced(conn, config.run_as, config.statement, config.params)
 
 
@@ -207,27 +207,31 @@ async def execute(conn: AsyncConnection[Any], config: SqlConfig, *, allow_superu
 _CHUNK = 1000
 
 
-async def _counted(conn: AsyncConnection[Any], statement: str, params: Any) -> int:
+async def _counted(conn: AsyncConnection[Any], statement: str, params: Any, *, in_run: bool) -> int:
     """Run `statement` (one or more statements; `params` bound into it as literals) in the
     session's open transaction, and return the rows it returned or affected, all statements
     together.  The rows are never kept: a statement that returns a hundred million rows costs
     the run time, not the worker's memory."""
     text = psycopg.AsyncClientCursor(conn).mogrify(statement, params) if params is not None else statement
-    count, error, deallocated = await conn.wait(_count_rows(conn.pgconn, text.encode(conn.info.encoding)))
+    count, error, deallocated, committed = await conn.wait(
+        _count_rows(conn.pgconn, text.encode(conn.info.encoding))
+    )
     if deallocated:
         # The job dropped every prepared statement of the session, the worker's too: psycopg
         # must forget its own and prepare them again (it cannot see what ran around it).
         conn._prepared.clear()  # psycopg has no public call for this
     if error is not None:
         raise psycopg.errors.error_from_result(error, encoding=conn.info.encoding)
+    if in_run and (committed or conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS):
+        raise ConfigError("statement", _ENDED_THE_RUN)
     return count
 
 
-def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | None, bool]]:
+def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | None, bool, bool]]:
     """Send `query` and read every result it brings back, counting rows and keeping none:
-    (count, the first error or None, whether it ran DEALLOCATE ALL).  COPY TO STDOUT is read
-    and dropped like rows; COPY FROM STDIN is ended at once with an error (a job has no data
-    to send)."""
+    (count, the first error or None, whether it ran DEALLOCATE ALL, whether it committed).
+    COPY TO STDOUT is read and dropped like rows; COPY FROM STDIN is ended at once with an
+    error (a job has no data to send)."""
     pgconn.send_query(query)
     if capabilities.has_stream_chunked():
         pgconn.set_chunked_rows_mode(_CHUNK)
@@ -236,7 +240,7 @@ def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | Non
     yield from generators.send(pgconn)
     count = 0
     error: PGresult | None = None
-    deallocated = False
+    deallocated = committed = False
     while (res := (yield from generators.fetch(pgconn))) is not None:
         status = res.status
         if status in (ExecStatus.SINGLE_TUPLE, ExecStatus.TUPLES_CHUNK, ExecStatus.TUPLES_OK):
@@ -244,6 +248,7 @@ def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | Non
         elif status == ExecStatus.COMMAND_OK:
             count += res.command_tuples or 0
             deallocated = deallocated or res.command_status == b"DEALLOCATE ALL"
+            committed = committed or res.command_status in (b"COMMIT", b"PREPARE TRANSACTION")
         elif status == ExecStatus.COPY_OUT:
             yield from _drop_copy_data(pgconn)
         elif status == ExecStatus.COPY_IN:
@@ -252,7 +257,7 @@ def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | Non
             yield from generators.send(pgconn)
         elif status == ExecStatus.FATAL_ERROR and error is None:
             error = res
-    return count, error, deallocated
+    return count, error, deallocated, committed
 
 
 def _drop_copy_data(pgconn: PGconn) -> PQGen[None]:

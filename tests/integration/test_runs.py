@@ -25,6 +25,24 @@ def job(url: str, name: str) -> dict[str, object]:
     return rows(url, "SELECT * FROM syncworker.integrations WHERE name = %s", (name,))[0]
 
 
+# The claim and finish_run parameters of a session playing the runner by hand (run_id and
+# unlock, durable are the caller's).
+CLAIM_ONE = {"limit": 1, "locks": 1, "worker_id": None, "announce": False}
+SUCCEEDED = {
+    "status": "success",
+    "error_type": None,
+    "error": None,
+    "state": None,
+    "retry_count": 0,
+    "disabled_reason": None,
+    "next_sync_at": None,
+    "slot": None,
+    "scheduled_sync_at": None,
+    **dict.fromkeys(("records_processed", "records_failed", "records_inserted"), 0),
+    **dict.fromkeys(("records_updated", "records_deleted"), 0),
+}
+
+
 def test_sql_job_success_records_the_run_and_reschedules_on_its_grid(jobdb: str) -> None:
     add_job(
         jobdb,
@@ -267,11 +285,7 @@ def test_a_run_finished_but_not_yet_committed_is_not_rescued(db: str) -> None:
     from worker.db.queries import Q
 
     add_job(db, "quick", "sql", {"statement": "SELECT 1"}, interval_seconds=3600)
-    claim = {"limit": 1, "locks": 1, "worker_id": None, "announce": False}
-    done = {"status": "success", "error_type": None, "error": None, "state": None, "retry_count": 0}
-    done |= {"disabled_reason": None, "next_sync_at": None, "slot": None, "scheduled_sync_at": None}
-    done |= dict.fromkeys(("records_processed", "records_failed", "records_inserted"), 0)
-    done |= dict.fromkeys(("records_updated", "records_deleted"), 0)
+    claim, done = CLAIM_ONE, SUCCEEDED
     found: dict[str, int] = {}
     with psycopg.connect(db, autocommit=True) as runner, psycopg.connect(db, autocommit=True) as rescuer:
         run_id = runner.cursor(row_factory=dict_row).execute(Q["claim"], claim).fetchall()[0]["run_id"]
@@ -306,11 +320,7 @@ def test_a_finish_waits_for_the_wal_flush_only_when_its_run_reached_outside(db: 
     from worker.connectors import get
     from worker.db.queries import Q
 
-    claim = {"limit": 1, "locks": 1, "worker_id": None, "announce": False}
-    done = {"status": "success", "error_type": None, "error": None, "state": None, "retry_count": 0}
-    done |= {"disabled_reason": None, "next_sync_at": None, "slot": None, "scheduled_sync_at": None}
-    done |= dict.fromkeys(("records_processed", "records_failed", "records_inserted"), 0)
-    done |= dict.fromkeys(("records_updated", "records_deleted"), 0)
+    claim, done = CLAIM_ONE, SUCCEEDED
     settings: dict[bool, str] = {}
     for durable in (False, True):
         add_job(db, f"job-{durable}", "sql", {"statement": "SELECT 1"}, interval_seconds=3600)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from helpers import add_job, create_database, drop_database, execute, one, rows
 from worker.connectors import get
 from worker.connectors.base import ConfigError
+from worker.connectors.postgres import compress_wal
 from worker.connectors.postgres.stream import unescape_copy_field
 from worker.run.once import run_once
 
@@ -424,3 +428,73 @@ def test_a_query_without_updated_at_is_read_whole_every_run(source: str, db: str
     counts = (run_row["records_processed"], run_row["records_updated"], run_row["records_deleted"])
     assert counts == (39, 1, 1)
     assert same(source, db)
+
+
+def wal_position(url: str) -> int:
+    return int(one(url, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+
+
+def test_an_incremental_run_compresses_the_whole_pages_it_logs(source: str, db: str) -> None:
+    """After a checkpoint the first change of a page logs the whole page: the rows an
+    incremental run changes lie one in a page, so its WAL is a page per row unless the
+    mirror's sessions compress those images (they do, where the login may)."""
+    execute(
+        source,
+        """INSERT INTO orders (id, customer, note, updated_at)
+           SELECT g, 'c' || g, repeat('n', 200), now() FROM generate_series(1, 6000) g""",
+    )
+    add_job(db, "orders", "postgres", mirror_config(), interval_seconds=60)
+    assert run(db) == "success"
+    per_page = one(db, "SELECT count(*) FROM orders_copy WHERE (ctid::text::point)[0] = 0")
+    changed = one(
+        source,
+        "WITH c AS (UPDATE orders SET total = 1, updated_at = now() WHERE id %% %s = 0 RETURNING 1)"
+        " SELECT count(*) FROM c",
+        (per_page,),
+    )
+    execute(source, "CHECKPOINT")
+    before = wal_position(db)
+    assert run(db) == "success"
+    written = wal_position(db) - before
+    assert last_run(db)["records_processed"] == changed
+    assert same(source, db)
+    # uncompressed: at least a page (8 kB) per changed row for the destination alone
+    assert written < changed * 8192 / 2, f"{written} bytes of WAL for {changed} changed rows"
+
+
+def test_a_login_that_may_not_compress_the_wal_mirrors_all_the_same(
+    source: str, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    role = f"mirror_{uuid.uuid4().hex[:8]}"
+    execute(db, f'CREATE ROLE "{role}" LOGIN')
+    try:
+        execute(source, f'GRANT SELECT ON orders TO "{role}"')
+        execute(db, f'GRANT CREATE ON SCHEMA public TO "{role}"')
+        execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' || g FROM generate_series(1, 50) g")
+        monkeypatch.setenv("TEST_SOURCE_DSN", as_login(source, role))
+        monkeypatch.setenv("TEST_DEST_DSN", as_login(db, role))
+        config = mirror_config()
+        config["destination"]["dsn"] = {"env": "TEST_DEST_DSN"}
+        add_job(db, "orders", "postgres", config)
+        assert run(db) == "success"
+        assert same(source, db)
+
+        async def setting_after_compress(url: str) -> str:
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                await conn.execute("SELECT 1")  # a transaction is open, as a run's is
+                await compress_wal(conn, logging.getLogger("test"))
+                assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+                row = await (await conn.execute("SHOW wal_compression")).fetchone()
+                return str(row and row[0])
+
+        assert asyncio.run(setting_after_compress(as_login(db, role))) == "off"
+        assert asyncio.run(setting_after_compress(db)) == "lz4"
+    finally:
+        execute(db, f'DROP OWNED BY "{role}"')
+        execute(source, f'DROP OWNED BY "{role}"')
+        execute(db, f'DROP ROLE "{role}"')
+
+
+def as_login(url: str, login: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{login}@{parts.hostname}:{parts.port or 5432}"))

@@ -36,9 +36,11 @@ and its messages) and `tools` (`install-trigger`, `verify`, `drop-slot`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from logging import Logger, LoggerAdapter
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from worker import db, secrets
 from worker.connectors.base import Connector, RealtimeSource, RunContext, RunResult
@@ -75,6 +77,7 @@ class PostgresConnector(Connector):
             source_dsn, **db.connect_kwargs("syncworker source")
         ) as src:
             await src.execute("SET TimeZone = 'UTC'")
+            await compress_wal(src, ctx.log)  # its scan may prune pages the source's writes left
             await src.commit()
             # Reads see one snapshot each (the incremental's max(updated_at) and its rows).
             await src.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
@@ -90,6 +93,7 @@ class PostgresConnector(Connector):
                     ctx.name,
                 )
             async with destination_session(ctx, cfg.destination) as dest:
+                await compress_wal(dest, ctx.log)
                 return await Mirror(ctx, cfg, src, dest, external=cfg.destination.dsn is not None).run()
 
     @staticmethod
@@ -103,8 +107,30 @@ class PostgresConnector(Connector):
             for name, value in SESSION_SETTINGS.items():
                 await admin.execute("SELECT set_config(%s, %s, false)", [name, value])
             async with destination_session(ctx, cfg.destination) as dest:
+                await compress_wal(dest, ctx.log)
                 external = cfg.destination.dsn is not None
                 return await LogicalMirror(ctx, cfg, src, dest, admin, external=external).run()
+
+
+async def compress_wal(conn: psycopg.AsyncConnection[Any], log: Logger | LoggerAdapter[Logger]) -> None:
+    """Have the session compress the full-page images it writes to the WAL, where the server
+    does not already and the login may (a superuser, or `GRANT SET ON PARAMETER
+    wal_compression`, PostgreSQL 15): an incremental run changes rows one in a page, and the
+    first change of a page after a checkpoint logs the whole page.  lz4 where the server has
+    it, else pglz; a session that may not set it goes on as it is."""
+    row = await (await conn.execute("SELECT current_setting('wal_compression')")).fetchone()
+    if row is None or row[0] != "off":
+        return
+    for method in ("lz4", "on"):
+        try:
+            async with conn.transaction():  # a savepoint inside the run's transaction
+                await conn.execute(sql.SQL("SET wal_compression = {}").format(sql.Literal(method)))
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            log.debug("full-page images stay uncompressed: no right to set wal_compression")
+            return
+        except psycopg.errors.InvalidParameterValue:
+            continue  # a server without lz4 (or before PostgreSQL 15)
 
 
 __all__ = [

@@ -42,11 +42,11 @@ def run(workdir: Path, stop_seconds: float, cap: float) -> list[Figure]:
         r1_id = r1.worker_id()
         stopped = c.now()
         r1.freeze()
-        time.sleep(stop_seconds)
+        held = held_through(c, controls, stop_seconds)
         r1.thaw()
         resumed = c.now()
         time.sleep(2)
-        stuck = {
+        stuck = held | {
             row["integration_id"]
             for row in c.rows(
                 """SELECT integration_id FROM syncworker.sync_runs
@@ -114,6 +114,20 @@ def run(workdir: Path, stop_seconds: float, cap: float) -> list[Figure]:
         exits = c.unexpected_exits()
         figures.append(zero(S, "worker exits (other than the kill)", len(exits), "; ".join(exits)))
         return figures
+
+
+def held_through(c: Cluster, jobs: list[int], seconds: float) -> set[int]:
+    """Sleep `seconds`, and return the jobs whose rows stayed locked all along (sampled three
+    times): a frozen replica holds the row of a job whose run it was finishing, its final
+    COMMIT not yet sent, until it resumes, as it holds the jobs it is running."""
+    held = set(jobs)
+    for _ in range(3):
+        time.sleep(seconds / 3)
+        free = c.rows(
+            "SELECT id FROM syncworker.integrations WHERE id = ANY(%s) FOR SHARE SKIP LOCKED", (jobs,)
+        )
+        held -= {row["id"] for row in free}
+    return held
 
 
 def worst_lateness(c: Cluster, jobs: list[int], since: float, until: float) -> float:

@@ -118,15 +118,15 @@ async def compress_wal(conn: psycopg.AsyncConnection[Any], log: Logger | LoggerA
     wal_compression`, PostgreSQL 15): an incremental run changes rows one in a page, and the
     first change of a page after a checkpoint logs the whole page.  lz4 where the server has
     it, else pglz; a session that may not set it goes on as it is."""
-    row = await (await conn.execute("SELECT current_setting('wal_compression')")).fetchone()
-    if row is None or row[0] != "off":
+    row = await (await conn.execute("SELECT current_setting('wal_compression', true)")).fetchone()
+    if row is None or row[0] != "off":  # compressing already, or a server without the setting
         return
     for method in ("lz4", "on"):
         try:
             async with conn.transaction():  # a savepoint inside the run's transaction
                 await conn.execute(sql.SQL("SET wal_compression = {}").format(sql.Literal(method)))
             return
-        except psycopg.errors.InsufficientPrivilege:
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.CantChangeRuntimeParam):
             log.debug("full-page images stay uncompressed: no right to set wal_compression")
             return
         except psycopg.errors.InvalidParameterValue:

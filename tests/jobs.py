@@ -119,3 +119,18 @@ async def idles_in_its_transaction(ctx: RunContext) -> RunResult:
     await asyncio.sleep(float(ctx.config.options.get("seconds", 2)))
     await ctx.conn.execute("SELECT 1")
     return RunResult(records_processed=1)
+
+
+def huge_result(ctx: RunContext) -> dict[str, Any]:
+    """A state of 65 MiB: more than a job's process may send to the worker."""
+    return {"state": {"blob": "x" * (65 * 2**20)}}
+
+
+async def huge_checkpoint(ctx: RunContext) -> RunResult:
+    await ctx.checkpoint({"blob": "x" * (65 * 2**20)})
+    return RunResult(records_processed=1)
+
+
+def huge_log_line(ctx: RunContext) -> dict[str, Any]:
+    ctx.log.warning("%s", "y" * 200_000)
+    return {"records_processed": 1}

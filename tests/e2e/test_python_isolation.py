@@ -4,8 +4,12 @@ the run's failure (`crashed`), never the worker's death.  Real worker processes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import multiprocessing
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,9 @@ import psutil
 import pytest
 
 from helpers import add_job, execute, one, rows, supervised, wait_for, workers
+from worker.connectors.base import SyncError
+from worker.connectors.python_child import MAX_MESSAGE_BYTES
+from worker.connectors.python_pool import Child
 from worker.run.once import run_once
 
 pytestmark = pytest.mark.e2e
@@ -278,3 +285,46 @@ def test_isolation_is_thread_or_process(db: str, isolation: object, expected: st
     reason = one(db, "SELECT disabled_reason FROM syncworker.integrations")
     assert reason.startswith("invalid configuration: isolation: expected") and expected in reason, reason
     assert one(db, "SELECT error_type FROM syncworker.sync_runs") == "config_invalid"
+
+
+@pytest.mark.parametrize(
+    ("target", "what"), [("jobs:huge_result", "result"), ("jobs:huge_checkpoint", "state")]
+)
+def test_a_result_or_checkpoint_too_large_for_the_pipe_fails_the_run_and_keeps_the_state(
+    jobdb: str, target: str, what: str
+) -> None:
+    add_job(jobdb, "big", "python", isolated(target), state={"n": 1}, interval_seconds=3600)
+    add_job(jobdb, "after", "python", isolated("jobs:count_up"), interval_seconds=3600)
+    assert asyncio.run(run_once(jobdb, "big")).status == "failed"
+    (run,) = finished_runs(jobdb, "big")
+    assert run["error_type"] == "bad_result"
+    assert what in run["error"] and "more than the 64 MiB a job's process may send" in run["error"], run
+    assert one(jobdb, "SELECT state FROM syncworker.integrations WHERE name = 'big'") == {"n": 1}
+    assert asyncio.run(run_once(jobdb, "after")).status == "success"
+
+
+def test_the_worker_reads_no_message_larger_than_a_child_may_send() -> None:
+    """Even from a child that does not keep to the limit (a job writing to the pipe itself)."""
+    here, there = multiprocessing.Pipe()
+    child = Child(multiprocessing.current_process(), here)  # alive, as a running child is
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # the worker stops reading: a broken pipe
+            there.send_bytes(b"x" * (MAX_MESSAGE_BYTES + 1))
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    with pytest.raises(SyncError, match="more than 64 MiB") as raised:
+        asyncio.run(child._receive())
+    assert raised.value.error_type == "bad_result"
+    here.close()
+    sender.join(timeout=10)
+    there.close()
+
+
+def test_a_long_log_line_from_a_job_is_cut_short(jobdb: str, caplog: pytest.LogCaptureFixture) -> None:
+    add_job(jobdb, "chatty", "python", isolated("jobs:huge_log_line"), interval_seconds=3600)
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(run_once(jobdb, "chatty")).status == "success"
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("yyy")]
+    assert len(line) < 70_000 and line.endswith("(134464 more characters cut)"), line[-60:]

@@ -11,6 +11,10 @@ worker's database sessions nor its event loop.  It speaks to the worker over one
 
 A job that kills this process (os._exit, a segfault, the OOM killer) ends here, not in the
 worker: the worker sees the pipe close and fails the run as `crashed`.
+
+No message may be larger than MAX_MESSAGE_BYTES pickled: a result or a checkpoint's state
+that is fails the run as `bad_result` here, before it is sent (a log line is cut short), and
+the worker reads no more than that of any message (it stops a child that sends more).
 """
 
 from __future__ import annotations
@@ -28,13 +32,38 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, NoReturn
 
 from worker import logs
-from worker.connectors.base import ConfigError, RunContext
+from worker.connectors.base import ConfigError, RunContext, SyncError
 from worker.connectors.python import PythonConfig, as_result, exit_error, load_callable
 from worker.errors import ErrorType
 from worker.run.outcome import classify
+
+# The most one message between a job's process and the worker may hold, pickled.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# A log line longer than this is cut short.
+MAX_LOG_TEXT = 64 * 1024
+
+_WHAT = {
+    "done": "the job's result",
+    "checkpoint": "the state of a checkpoint",
+    "record_error": "a record error",
+}
+
+
+def pack(message: tuple[Any, ...]) -> bytes:
+    """`message` pickled for the pipe; a SyncError (bad_result) if it is too large to send."""
+    payload = bytes(ForkingPickler.dumps(message))
+    if len(payload) > MAX_MESSAGE_BYTES:
+        what = _WHAT.get(message[0], "a message")
+        raise SyncError(
+            f"{what} is {len(payload) / 2**20:.0f} MiB pickled, more than the"
+            f" {MAX_MESSAGE_BYTES // 2**20} MiB a job's process may send to the worker",
+            error_type=ErrorType.BAD_RESULT,
+        )
+    return payload
 
 
 @dataclass(frozen=True)
@@ -161,21 +190,26 @@ class _Channel:
         self.lock = threading.Lock()
 
     def send(self, message: tuple[Any, ...]) -> None:
+        payload = pack(message)
         with self.lock:
-            self.conn.send(message)
+            self.conn.send_bytes(payload)
 
     def reply(self, final: tuple[Any, ...]) -> None:
-        """The run's last message; a result that cannot be pickled fails the run instead."""
+        """The run's last message; a result that cannot be pickled, or is too large, fails
+        the run instead."""
         try:
             self.send(final)
+        except SyncError as exc:
+            self.send(("failed", "SyncError", str(exc), str(ErrorType.BAD_RESULT), ""))
         except Exception as exc:
             problem = f"the job's result cannot be sent to the worker: {exc!r}"
             self.send(("failed", "SyncError", problem, str(ErrorType.BAD_RESULT), ""))
 
     async def checkpoint(self, state: dict[str, Any]) -> None:
         """`ctx.checkpoint`: the worker commits `state` on the run's session, then answers."""
+        payload = pack(("checkpoint", state))
         with self.lock:
-            self.conn.send(("checkpoint", state))
+            self.conn.send_bytes(payload)
             self.conn.recv()
 
 
@@ -191,6 +225,8 @@ class _Forward(logging.Handler):
             text = record.getMessage()
             if record.exc_info:
                 text += "\n" + logging.Formatter().formatException(record.exc_info)
+            if len(text) > MAX_LOG_TEXT:
+                text = f"{text[:MAX_LOG_TEXT]}... ({len(text) - MAX_LOG_TEXT} more characters cut)"
             self.channel.send(("log", record.levelno, record.name, text))
         except Exception:
             self.handleError(record)

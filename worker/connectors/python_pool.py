@@ -15,6 +15,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 from multiprocessing.connection import Connection
@@ -22,7 +23,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from worker.connectors.base import ConfigError, RunContext, RunResult, SyncError
-from worker.connectors.python_child import Task, serve
+from worker.connectors.python_child import MAX_MESSAGE_BYTES, Task, serve
 from worker.errors import ErrorType
 
 log = logging.getLogger("syncworker.connector.python")
@@ -144,13 +145,22 @@ class Child:
             self.conn.send(("checkpointed",))
 
     async def _receive(self) -> Any:
-        """The child's next message, or None once it is dead."""
+        """The child's next message, or None once it is dead.  A message larger than a child
+        may send is not read: the run fails, and the child is stopped (its pipe is out of step)."""
         loop = asyncio.get_running_loop()
         while True:
             if self.conn.poll():
                 try:
-                    return self.conn.recv()
-                except (EOFError, OSError):
+                    return pickle.loads(self.conn.recv_bytes(MAX_MESSAGE_BYTES))
+                except OSError as exc:
+                    if exc.args == ("bad message length",) and self.alive():
+                        raise SyncError(
+                            f"the job's process sent a message of more than {MAX_MESSAGE_BYTES // 2**20} MiB;"
+                            " it was stopped",
+                            error_type=ErrorType.BAD_RESULT,
+                        ) from None
+                    return None
+                except EOFError:
                     return None
             if not self.alive():
                 return None

@@ -427,44 +427,71 @@ def test_what_a_job_leaves_on_its_session_is_gone_before_the_next_job_runs(
     """One run session (concurrency 1), so every run is on the session the previous one left.
     A temporary table must not outlive its run: the job that makes one could not run twice
     (`relation "staging" already exists`), and one named like a real table would take
-    another job's rows (pg_temp comes first in the search path).  A LISTEN and a cursor
-    WITH HOLD must not outlive the session's stay with its jobs: a listening session idle in
-    the pool keeps the server's notification queue from being cleaned."""
-    execute(jobdb, "CREATE TABLE public.target (x int, listening bigint, cursors bigint)")
+    another job's rows (pg_temp comes first in the search path).  Nor may a prepared
+    statement (`prepared statement "leftover" already exists`, even after a run that
+    failed), a LISTEN or a cursor WITH HOLD, in a chain of runs as after one: a listening
+    session idle in the pool keeps the server's notification queue from being cleaned."""
+    execute(jobdb, "CREATE TABLE public.target (x int, listening bigint, cursors bigint, prepared bigint)")
     leaves = (
         "CREATE TEMP TABLE staging AS SELECT 1 AS x; "
-        "CREATE TEMP TABLE target (x int, listening bigint, cursors bigint); "
+        "CREATE TEMP TABLE target (x int, listening bigint, cursors bigint, prepared bigint); "
         "LISTEN job_channel; DECLARE held CURSOR WITH HOLD FOR SELECT 1; "
+        "PREPARE leftover AS SELECT 1; EXECUTE leftover; "
         "INSERT INTO public.job_rows (run_id) SELECT x FROM staging"
     )
     looks = (
         "INSERT INTO target SELECT 1, (SELECT count(*) FROM pg_listening_channels()), "
-        "(SELECT count(*) FROM pg_cursors)"
+        "(SELECT count(*) FROM pg_cursors), (SELECT count(*) FROM pg_prepared_statements "
+        "WHERE name = 'leftover')"
     )
+    fails = "PREPARE failing AS SELECT 1; SELECT 1 / 0"
     add_job(jobdb, "leaves", "sql", {"statement": leaves}, next_sync_at=None)
     add_job(jobdb, "looks", "sql", {"statement": looks}, next_sync_at=None)
+    add_job(
+        jobdb,
+        "fails",
+        "sql",
+        {"statement": fails},
+        next_sync_at=None,
+        max_retries=10,
+        retry_backoff_seconds=3600,
+    )
 
     def succeeded(name: str, count: int) -> bool:
         return sum(r["status"] == "success" for r in runs_of(jobdb, name)) >= count
 
+    def failed(name: str, count: int) -> bool:
+        return sum(r["status"] == "failed" for r in runs_of(jobdb, name)) >= count
+
+    def one_after_the_other(*names: str, turn: int) -> None:
+        for name in names:  # the session goes back to the pool between them
+            execute(jobdb, "SELECT syncworker.trigger_sync(%s)", (name,))
+            wait_for(lambda n=name: succeeded(n, turn), timeout=20, what=f"run {turn} of {name}")
+            time.sleep(0.3)
+
     env = {**worker_env(jobdb), "SYNCWORKER_CONCURRENCY": "1"}
     with workers(jobdb, tmp_path, 1, env=env) as procs:
         for turn in range(1, 4):
-            # One at a time: the session goes back to the pool between them.
-            execute(jobdb, "SELECT syncworker.trigger_sync('leaves')")
-            wait_for(lambda t=turn: succeeded("leaves", t), timeout=20, what=f"run {turn} of leaves")
-            time.sleep(0.3)
-            execute(jobdb, "SELECT syncworker.trigger_sync('looks')")
-            wait_for(lambda t=turn: succeeded("looks", t), timeout=20, what=f"run {turn} of looks")
-        # Both at once: the session may run them one after the other in a chain.
-        execute(jobdb, "SELECT syncworker.trigger_sync('leaves'), syncworker.trigger_sync('looks')")
-        wait_for(lambda: succeeded("leaves", 4) and succeeded("looks", 4), timeout=20, what="both again")
+            one_after_the_other("leaves", "looks", turn=turn)
+        # All at once: the session may run them one after the other in a chain.
+        for turn in (4, 5):
+            execute(
+                jobdb,
+                "SELECT syncworker.trigger_sync('leaves'), syncworker.trigger_sync('looks'),"
+                " syncworker.trigger_sync('fails')",
+            )
+            wait_for(
+                lambda t=turn: succeeded("leaves", t) and succeeded("looks", t) and failed("fails", t - 3),
+                timeout=20,
+                what=f"round {turn} of all three",
+            )
         assert_alive(procs)
     for name in ("leaves", "looks"):
-        assert [r["status"] for r in runs_of(jobdb, name)] == ["success"] * 4, runs_of(jobdb, name)
-    seen = rows(jobdb, "SELECT listening, cursors FROM public.target ORDER BY ctid")
-    assert len(seen) == 4  # every row of looks reached the real table
-    assert seen[:3] == [{"listening": 0, "cursors": 0}] * 3
+        assert [r["status"] for r in runs_of(jobdb, name)] == ["success"] * 5, runs_of(jobdb, name)
+    for run in runs_of(jobdb, "fails"):  # not `prepared statement "failing" already exists`
+        assert run["status"] == "failed" and "division by zero" in run["error"], run
+    seen = rows(jobdb, "SELECT listening, cursors, prepared FROM public.target ORDER BY ctid")
+    assert seen == [{"listening": 0, "cursors": 0, "prepared": 0}] * 5  # each in the real table
 
 
 def test_a_job_that_drops_the_sessions_prepared_statements_fails_no_run(jobdb: str, tmp_path: Path) -> None:

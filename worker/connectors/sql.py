@@ -213,23 +213,48 @@ async def _counted(conn: AsyncConnection[Any], statement: str, params: Any, *, i
     together.  The rows are never kept: a statement that returns a hundred million rows costs
     the run time, not the worker's memory."""
     text = psycopg.AsyncClientCursor(conn).mogrify(statement, params) if params is not None else statement
-    count, error, deallocated, committed = await conn.wait(
-        _count_rows(conn.pgconn, text.encode(conn.info.encoding))
-    )
-    if deallocated:
+    count, error, tags = await conn.wait(_count_rows(conn.pgconn, text.encode(conn.info.encoding)))
+    if b"DEALLOCATE ALL" in tags:
         # The job dropped every prepared statement of the session, the worker's too: psycopg
         # must forget its own and prepare them again (it cannot see what ran around it).
         conn._prepared.clear()  # psycopg has no public call for this
     if error is not None:
+        if in_run and b"PREPARE" in tags:  # a PREPARE outlives the transaction that failed
+            await conn.rollback()
+            await _clean_up(conn, {b"PREPARE"})
         raise psycopg.errors.error_from_result(error, encoding=conn.info.encoding)
-    if in_run and (committed or conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS):
+    if in_run and (
+        tags & {b"COMMIT", b"PREPARE TRANSACTION"}
+        or conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
+    ):
         raise ConfigError("statement", _ENDED_THE_RUN)
+    if in_run:
+        await _clean_up(conn, tags)
     return count
 
 
-def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | None, bool, bool]]:
+# What a job can leave on its session past its run, by the command tag that shows it did, and
+# the statement that takes it away again (the next run on the session, in the same chain, may
+# do the same: `prepared statement "q" already exists`).
+_LEFT_BEHIND = {b"PREPARE": b"DEALLOCATE ALL", b"DECLARE CURSOR": b"CLOSE ALL", b"LISTEN": b"UNLISTEN *"}
+
+
+async def _clean_up(conn: AsyncConnection[Any], tags: set[bytes]) -> None:
+    """Take away what the job's statement left on the run's session (see _LEFT_BEHIND)."""
+    for tag, statement in _LEFT_BEHIND.items():
+        if tag in tags:
+            await conn.execute(statement)
+    if b"PREPARE" in tags:
+        conn._prepared.clear()  # DEALLOCATE ALL took the worker's own statements too
+
+
+# Command tags that matter to the run (the others are not kept).
+_TAGS = frozenset({b"DEALLOCATE ALL", b"COMMIT", b"PREPARE TRANSACTION", *_LEFT_BEHIND})
+
+
+def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | None, set[bytes]]]:
     """Send `query` and read every result it brings back, counting rows and keeping none:
-    (count, the first error or None, whether it ran DEALLOCATE ALL, whether it committed).
+    (count, the first error or None, the command tags of _TAGS it ran).
     COPY TO STDOUT is read and dropped like rows; COPY FROM STDIN is ended at once with an
     error (a job has no data to send)."""
     pgconn.send_query(query)
@@ -240,15 +265,15 @@ def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | Non
     yield from generators.send(pgconn)
     count = 0
     error: PGresult | None = None
-    deallocated = committed = False
+    tags: set[bytes] = set()
     while (res := (yield from generators.fetch(pgconn))) is not None:
         status = res.status
         if status in (ExecStatus.SINGLE_TUPLE, ExecStatus.TUPLES_CHUNK, ExecStatus.TUPLES_OK):
             count += res.ntuples  # a result set's closing TUPLES_OK holds no rows
         elif status == ExecStatus.COMMAND_OK:
             count += res.command_tuples or 0
-            deallocated = deallocated or res.command_status == b"DEALLOCATE ALL"
-            committed = committed or res.command_status in (b"COMMIT", b"PREPARE TRANSACTION")
+            if res.command_status in _TAGS:
+                tags.add(res.command_status)
         elif status == ExecStatus.COPY_OUT:
             yield from _drop_copy_data(pgconn)
         elif status == ExecStatus.COPY_IN:
@@ -257,7 +282,7 @@ def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | Non
             yield from generators.send(pgconn)
         elif status == ExecStatus.FATAL_ERROR and error is None:
             error = res
-    return count, error, deallocated, committed
+    return count, error, tags
 
 
 def _drop_copy_data(pgconn: PGconn) -> PQGen[None]:

@@ -148,7 +148,18 @@ def test_a_procedure_that_commits_runs_on_another_database(
     assert one(empty_db, "SELECT count(*) FROM batches") == 3
 
 
-@pytest.mark.parametrize("ending", ["COMMIT", "ROLLBACK", "END", "COMMIT; BEGIN"])
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "COMMIT",
+        "ROLLBACK",
+        "END",
+        "COMMIT; BEGIN",
+        "ROLLBACK; BEGIN",
+        "ABORT; START TRANSACTION",
+        "SAVEPOINT s; ROLLBACK; BEGIN",
+    ],
+)
 def test_a_statement_that_ends_the_runs_transaction_disables_its_job(
     jobdb: str, ending: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -177,5 +188,15 @@ def test_a_statement_that_ends_the_runs_transaction_disables_its_job(
     )
     monkeypatch.setenv("SELF_DSN", jobdb)
     assert run(jobdb, "ends").status == "success"
-    committed = ending != "ROLLBACK"  # the first run's INSERT, committed apart from its run
+    committed = ending.startswith(("COMMIT", "END"))  # the first run's INSERT, apart from its run
     assert one(jobdb, "SELECT count(*) FROM public.ticks") == 2 + committed
+
+
+def test_a_rollback_to_a_savepoint_is_the_statements_own_business(jobdb: str) -> None:
+    statement = (
+        "INSERT INTO public.ticks DEFAULT VALUES; SAVEPOINT s; INSERT INTO public.ticks DEFAULT VALUES; "
+        "ROLLBACK TO SAVEPOINT s; INSERT INTO public.ticks DEFAULT VALUES; RELEASE s"
+    )
+    add_job(jobdb, "partial", "sql", {"statement": statement}, interval_seconds=60)
+    assert run(jobdb, "partial").status == "success"
+    assert one(jobdb, "SELECT count(*) FROM public.ticks") == 2

@@ -223,10 +223,7 @@ async def _counted(conn: AsyncConnection[Any], statement: str, params: Any, *, i
             await conn.rollback()
             await _clean_up(conn, {b"PREPARE"})
         raise psycopg.errors.error_from_result(error, encoding=conn.info.encoding)
-    if in_run and (
-        tags & {b"COMMIT", b"PREPARE TRANSACTION"}
-        or conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
-    ):
+    if in_run and (_ended(tags) or conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS):
         raise ConfigError("statement", _ENDED_THE_RUN)
     if in_run:
         await _clean_up(conn, tags)
@@ -249,7 +246,20 @@ async def _clean_up(conn: AsyncConnection[Any], tags: set[bytes]) -> None:
 
 
 # Command tags that matter to the run (the others are not kept).
-_TAGS = frozenset({b"DEALLOCATE ALL", b"COMMIT", b"PREPARE TRANSACTION", *_LEFT_BEHIND})
+_TAGS = frozenset(
+    {b"DEALLOCATE ALL", b"COMMIT", b"PREPARE TRANSACTION", b"ROLLBACK", b"SAVEPOINT", b"BEGIN"}
+    | {b"START TRANSACTION", *_LEFT_BEHIND}
+)
+
+
+def _ended(tags: set[bytes]) -> bool:
+    """Whether the statement ended the transaction it ran in, by its command tags, where it
+    opened another one after (`COMMIT; BEGIN`; `END` and `COMMIT` share a tag).  `ROLLBACK`
+    is also the tag of `ROLLBACK TO SAVEPOINT`: without a SAVEPOINT before it, or with a
+    BEGIN after it, it was the transaction's."""
+    if tags & {b"COMMIT", b"PREPARE TRANSACTION"}:
+        return True
+    return b"ROLLBACK" in tags and (b"SAVEPOINT" not in tags or bool(tags & {b"BEGIN", b"START TRANSACTION"}))
 
 
 def _count_rows(pgconn: PGconn, query: bytes) -> PQGen[tuple[int, PGresult | None, set[bytes]]]:

@@ -289,6 +289,8 @@ class Runner:
                     await cur.execute(b"BEGIN")  # after a rollback of the run's own work
                 # Whatever the job SET (a timeout, a role, a search_path) ends with the job, and
                 # so do its temporary tables (the next run on this session may make its own).
+                # (A statement that returns no rows must come first: libpq keeps the chunked-rows
+                # mode of a sql job's statement for the first statement of the next pipeline.)
                 await cur.execute(b"RESET ALL")
                 await cur.execute(b"RESET ROLE")
                 await cur.execute(b"DISCARD TEMP")

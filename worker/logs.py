@@ -23,7 +23,10 @@ class RunContextFilter(logging.Filter):
         run_id = getattr(record, "run_id", None) or run_id_var.get()
         record.integration = integration
         record.run_id = run_id
-        record.run_tag = f" [{integration} run={run_id}]" if integration else ""
+        if integration and not integration.isprintable():  # a name with a newline: one line still
+            record.run_tag = f" [{integration.encode('unicode_escape').decode()} run={run_id}]"
+        else:
+            record.run_tag = f" [{integration} run={run_id}]" if integration else ""
         message = redact(record.getMessage())
         record.msg, record.args = message, None
         if record.exc_info and not record.exc_text:

@@ -218,3 +218,14 @@ def test_an_excerpt_of_a_cut_text_never_shows_part_of_a_secret(canary: dict[str,
             shown = secrets.redact_excerpt(text, 1000, cut=True)
             assert shown.startswith("echo *** xxx") and shown.endswith("x…")
             assert form[: max(keep, 4)] not in shown
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_job_name_with_a_newline_cannot_forge_a_log_line(fmt: str) -> None:
+    stream, log = _capture(fmt)
+    log.info("run started", extra={"integration": "evil\n2026-01-01 00:00:00,000 ERROR forged", "run_id": 7})
+    (line,) = stream.getvalue().splitlines()
+    if fmt == "text":
+        assert "[evil\\n2026-01-01 00:00:00,000 ERROR forged run=7]: run started" in line
+    else:
+        assert json.loads(line)["integration"] == "evil\n2026-01-01 00:00:00,000 ERROR forged"

@@ -84,3 +84,32 @@ def test_notifications_become_one_realtime_request_per_burst(db: str, empty_db: 
     assert state["other"]["pending_trigger"] is None and not state["other"]["due"]
     # A running job is not made due again; its run's end starts one follow-up.
     assert state["busy"]["pending_trigger"] == "realtime" and not state["busy"]["due"]
+
+
+def test_a_source_that_ends_idle_sessions_keeps_its_listener(db: str, empty_db: str) -> None:
+    """idle_session_timeout on the source's database must not end the LISTEN session: each
+    reconnection would be a gap in listening and a catch-up run of every job of the source."""
+    name = rows(empty_db, "SELECT current_database() AS name")[0]["name"]
+    execute(empty_db, f'ALTER DATABASE "{name}" SET idle_session_timeout = 300')
+    job = add_job(db, "orders-mirror", "sql", {"statement": "select 1"}, next_sync_at="2099-01-01")
+
+    async def loader(pool: AsyncConnectionPool) -> Sources:  # type: ignore[type-arg]
+        return {(empty_db, "syncworker_source"): {"public.orders": [job]}}
+
+    async def main() -> None:
+        async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+            service = Realtime(pool, loader)
+            await service.reload()
+            try:
+                await until(lambda: flagged(db) == {"orders-mirror"} and idle(service))
+                execute(db, "UPDATE syncworker.integrations SET pending_trigger = NULL")
+                await asyncio.sleep(1.5)  # five times the source's idle timeout
+                assert flagged(db) == set()  # no reconnection, so no catch-up request
+                execute(empty_db, "NOTIFY syncworker_source, 'public.orders'")
+                await until(lambda: flagged(db) == {"orders-mirror"} and idle(service))
+            finally:
+                for task in service.listeners.values():
+                    task.cancel()
+                await asyncio.gather(*service.listeners.values(), return_exceptions=True)
+
+    asyncio.run(main())

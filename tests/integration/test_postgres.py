@@ -498,3 +498,45 @@ def test_a_login_that_may_not_compress_the_wal_mirrors_all_the_same(
 def as_login(url: str, login: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=f"{login}@{parts.hostname}:{parts.port or 5432}"))
+
+
+def test_a_source_and_a_destination_with_their_own_timeouts_do_not_cut_a_run(
+    source: str, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database may set statement_timeout (or idle_in_transaction_session_timeout) for every
+    session, to protect itself: a long COPY of a large table would then fail every time, and
+    its job be disabled.  The job's own timeout_seconds bounds the run instead."""
+    name, dest = create_database()
+    try:
+        for url in (source, dest):
+            database = one(url, "SELECT current_database()")
+            execute(url, f'ALTER DATABASE "{database}" SET statement_timeout = 200')
+            execute(url, f'ALTER DATABASE "{database}" SET idle_in_transaction_session_timeout = 200')
+        execute(source, "INSERT INTO orders (id, customer) SELECT g, 'c' || g FROM generate_series(1, 50) g")
+        # Both sides take longer than 200 ms: the source's query, and each statement of the
+        # destination (a trigger waits).
+        execute(
+            dest,
+            """CREATE TABLE public.orders_copy (id bigint PRIMARY KEY, customer text, total numeric(12,2),
+                 tags text[], note text, updated_at timestamptz, deleted_at timestamptz);
+               CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$;
+               CREATE TRIGGER slow AFTER INSERT ON public.orders_copy EXECUTE FUNCTION slow();""",
+        )
+        monkeypatch.setenv("TEST_DEST_DSN", dest)
+        config = mirror_config()
+        config["source"] = {
+            "dsn": {"env": "TEST_SOURCE_DSN"},
+            "query": "SELECT o.* FROM orders o, pg_sleep(0.3)",
+            "key": ["id"],
+        }
+        config["destination"] = {
+            "table": "public.orders_copy",
+            "key": ["id"],
+            "dsn": {"env": "TEST_DEST_DSN"},
+        }
+        add_job(db, "orders", "postgres", config, interval_seconds=60)
+        assert run(db) == "success", last_run(db)["error"]
+        assert one(dest, "SELECT count(*) FROM public.orders_copy") == 50
+    finally:
+        drop_database(name)

@@ -150,6 +150,19 @@ def session_kwargs(
     return {**connect_kwargs(application_name), "options": f"{given} {ours}".strip()}
 
 
+def settings_for_any_server() -> bytes:
+    """SERVER_SETTINGS as one statement for a session of a connector's on another server (a
+    source, a destination, a source's LISTEN), of any version: a setting the server does not
+    have (before PostgreSQL 14) is skipped.  A source's own statement_timeout or
+    idle_in_transaction_session_timeout would otherwise cut a long COPY, or the snapshot a run
+    holds while it writes, every time: the job's timeout_seconds bounds the run."""
+    values = ", ".join(f"('{name}', '{value}')" for name, value in SERVER_SETTINGS.items())
+    return (
+        f"SELECT set_config(s.name, v.value, false) FROM (VALUES {values}) AS v (name, value)"
+        " JOIN pg_settings s USING (name)"
+    ).encode()
+
+
 def settings_statement(**settings: str) -> bytes:
     """One statement that gives the session SERVER_SETTINGS and `settings`, for sessions whose
     startup options never reached the server.  Such a session's `RESET ALL` returns to the

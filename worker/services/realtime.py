@@ -71,10 +71,6 @@ async def load_sources(pool: Pool) -> Sources:
     return {key: dict(value) for key, value in found.items()}
 
 
-# (A no-op on a server older than PostgreSQL 14, which has no such setting.)
-_NO_IDLE_TIMEOUT = "SELECT set_config(name, '0', false) FROM pg_settings WHERE name = 'idle_session_timeout'"
-
-
 class SourceListener(SessionService):
     """One LISTEN session on one source database, reconnecting with backoff."""
 
@@ -95,7 +91,7 @@ class SourceListener(SessionService):
     async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         # A source whose database or role sets idle_session_timeout would end this session,
         # which only waits, every so often: each reconnection is a gap and a catch-up run.
-        await conn.execute(_NO_IDLE_TIMEOUT)
+        await conn.execute(db.settings_for_any_server())
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
         log.info("listening for changes on %s (channel %s)", db.describe_target(self.dsn), self.channel)
         # Changes made while nobody listened are caught by the job's scheduled run and its

@@ -156,7 +156,10 @@ def settings_for_any_server() -> bytes:
     have (before PostgreSQL 14) is skipped.  A source's own statement_timeout or
     idle_in_transaction_session_timeout would otherwise cut a long COPY, or the snapshot a run
     holds while it writes, every time: the job's timeout_seconds bounds the run."""
-    values = ", ".join(f"('{name}', '{value}')" for name, value in SERVER_SETTINGS.items())
+    # (Not client_connection_check_interval: a server on a system without POLLRDHUP refuses
+    # any value but 0, and the keepalives find a vanished client there too.)
+    portable = {k: v for k, v in SERVER_SETTINGS.items() if k != "client_connection_check_interval"}
+    values = ", ".join(f"('{name}', '{value}')" for name, value in portable.items())
     return (
         f"SELECT set_config(s.name, v.value, false) FROM (VALUES {values}) AS v (name, value)"
         " JOIN pg_settings s USING (name)"

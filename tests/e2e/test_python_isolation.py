@@ -314,6 +314,7 @@ def test_the_worker_reads_no_message_larger_than_a_child_may_send() -> None:
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
+    assert here.poll(10)  # the message is on its way (the current process has no sentinel to wait on)
     with pytest.raises(SyncError, match="more than 64 MiB") as raised:
         asyncio.run(child._receive())
     assert raised.value.error_type == "bad_result"

@@ -23,10 +23,10 @@ class RunContextFilter(logging.Filter):
         run_id = getattr(record, "run_id", None) or run_id_var.get()
         record.integration = integration
         record.run_id = run_id
+        shown = integration
         if integration and not integration.isprintable():  # a name with a newline: one line still
-            record.run_tag = f" [{integration.encode('unicode_escape').decode()} run={run_id}]"
-        else:
-            record.run_tag = f" [{integration} run={run_id}]" if integration else ""
+            shown = integration.encode("unicode_escape").decode()
+        record.run_tag = f" [{shown} run={run_id}]" if integration else ""
         message = redact(record.getMessage())
         record.msg, record.args = message, None
         if record.exc_info and not record.exc_text:

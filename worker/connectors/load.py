@@ -146,7 +146,7 @@ async def destination_session(ctx: RunContext, dest: Destination) -> AsyncIterat
     async with await psycopg.AsyncConnection.connect(
         url, **db.connect_kwargs("syncworker destination")
     ) as conn:
-        await conn.execute(db.settings_for_any_server())  # not the database's own timeouts
+        await conn.execute(db.SETTINGS_FOR_ANY_SERVER)  # not the database's own timeouts
         await conn.commit()
         yield conn
         if not ctx.dry_run:

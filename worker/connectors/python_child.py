@@ -53,9 +53,9 @@ _WHAT = {
 }
 
 
-def pack(message: tuple[Any, ...]) -> bytes:
+def pack(message: tuple[Any, ...]) -> memoryview:
     """`message` pickled for the pipe; a SyncError (bad_result) if it is too large to send."""
-    payload = bytes(ForkingPickler.dumps(message))
+    payload = ForkingPickler.dumps(message)
     if len(payload) > MAX_MESSAGE_BYTES:
         what = _WHAT.get(message[0], "a message")
         raise SyncError(

@@ -247,8 +247,16 @@ async def _clean_up(conn: AsyncConnection[Any], tags: set[bytes]) -> None:
 
 # Command tags that matter to the run (the others are not kept).
 _TAGS = frozenset(
-    {b"DEALLOCATE ALL", b"COMMIT", b"PREPARE TRANSACTION", b"ROLLBACK", b"SAVEPOINT", b"BEGIN"}
-    | {b"START TRANSACTION", *_LEFT_BEHIND}
+    {
+        *_LEFT_BEHIND,
+        b"DEALLOCATE ALL",
+        b"COMMIT",
+        b"PREPARE TRANSACTION",
+        b"ROLLBACK",
+        b"SAVEPOINT",
+        b"BEGIN",
+        b"START TRANSACTION",
+    }
 )
 
 

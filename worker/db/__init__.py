@@ -150,12 +150,7 @@ def session_kwargs(
     return {**connect_kwargs(application_name), "options": f"{given} {ours}".strip()}
 
 
-def settings_for_any_server() -> bytes:
-    """SERVER_SETTINGS as one statement for a session of a connector's on another server (a
-    source, a destination, a source's LISTEN), of any version: a setting the server does not
-    have (before PostgreSQL 14) is skipped.  A source's own statement_timeout or
-    idle_in_transaction_session_timeout would otherwise cut a long COPY, or the snapshot a run
-    holds while it writes, every time: the job's timeout_seconds bounds the run."""
+def _settings_for_any_server() -> bytes:
     # (Not client_connection_check_interval: a server on a system without POLLRDHUP refuses
     # any value but 0, and the keepalives find a vanished client there too.)
     portable = {k: v for k, v in SERVER_SETTINGS.items() if k != "client_connection_check_interval"}
@@ -164,6 +159,14 @@ def settings_for_any_server() -> bytes:
         f"SELECT set_config(s.name, v.value, false) FROM (VALUES {values}) AS v (name, value)"
         " JOIN pg_settings s USING (name)"
     ).encode()
+
+
+# SERVER_SETTINGS as one statement for a session of a connector's on another server (a source,
+# a destination, a source's LISTEN), of any version: a setting the server does not have
+# (before PostgreSQL 14) is skipped.  A source's own statement_timeout or
+# idle_in_transaction_session_timeout would otherwise cut a long COPY, or the snapshot a run
+# holds while it writes, every time: the job's timeout_seconds bounds the run.
+SETTINGS_FOR_ANY_SERVER = _settings_for_any_server()
 
 
 def settings_statement(**settings: str) -> bytes:

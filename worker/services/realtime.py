@@ -91,7 +91,7 @@ class SourceListener(SessionService):
     async def serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         # A source whose database or role sets idle_session_timeout would end this session,
         # which only waits, every so often: each reconnection is a gap and a catch-up run.
-        await conn.execute(db.settings_for_any_server())
+        await conn.execute(db.SETTINGS_FOR_ANY_SERVER)
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
         log.info("listening for changes on %s (channel %s)", db.describe_target(self.dsn), self.channel)
         # Changes made while nobody listened are caught by the job's scheduled run and its

@@ -76,7 +76,7 @@ class PostgresConnector(Connector):
         async with await psycopg.AsyncConnection.connect(
             source_dsn, **db.connect_kwargs("syncworker source")
         ) as src:
-            await src.execute(db.settings_for_any_server())
+            await src.execute(db.SETTINGS_FOR_ANY_SERVER)
             await src.execute("SET TimeZone = 'UTC'")
             await compress_wal(src, ctx.log)  # its scan may prune pages the source's writes left
             await src.commit()
@@ -105,7 +105,7 @@ class PostgresConnector(Connector):
         async with await psycopg.AsyncConnection.connect(
             source_dsn, autocommit=True, **db.connect_kwargs("syncworker slot")
         ) as admin:
-            await admin.execute(db.settings_for_any_server())
+            await admin.execute(db.SETTINGS_FOR_ANY_SERVER)
             for name, value in SESSION_SETTINGS.items():
                 await admin.execute("SELECT set_config(%s, %s, false)", [name, value])
             async with destination_session(ctx, cfg.destination) as dest:

@@ -494,23 +494,61 @@ def test_what_a_job_leaves_on_its_session_is_gone_before_the_next_job_runs(
     assert seen == [{"listening": 0, "cursors": 0, "prepared": 0}] * 5  # each in the real table
 
 
-def test_a_job_that_drops_the_sessions_prepared_statements_fails_no_run(jobdb: str, tmp_path: Path) -> None:
-    """`DEALLOCATE ALL` in a job drops the worker's prepared statements on that session too
-    (the finish, the claim): the worker must prepare them again, not fail the next finish."""
+def test_a_job_that_drops_the_sessions_prepared_statements_fails_no_other_run(
+    jobdb: str, tmp_path: Path
+) -> None:
+    """A run session ends each run with statements it prepared (the finish, the start of the
+    next run, the claim).  `DEALLOCATE ALL` in a job drops them: the worker must prepare them
+    again, not fail the next finish.  Dropped from dynamic SQL, out of the worker's sight, the
+    run that did it fails (its finish cannot run), and no other."""
+    dynamic = "DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$"
     add_job(jobdb, "dealloc", "sql", {"statement": "DEALLOCATE ALL"}, interval_seconds=1)
+    add_job(
+        jobdb,
+        "dynamic",
+        "sql",
+        {"statement": dynamic},
+        interval_seconds=1,
+        max_retries=1000,
+        retry_backoff_seconds=1,
+    )
     add_job(jobdb, "other", "sql", {"statement": "SELECT 1"}, interval_seconds=1)
 
-    def enough() -> bool:
-        # Statements are prepared from their fifth use: well past that, on one session.
-        return all(len(runs_of(jobdb, name)) >= 8 for name in ("dealloc", "other"))
+    def enough() -> bool:  # (the failing job's retries back off: 1 s, 2 s, 4 s, ...)
+        done = {name: len(runs_of(jobdb, name)) for name in ("dealloc", "dynamic", "other")}
+        return done["dealloc"] >= 8 and done["other"] >= 8 and done["dynamic"] >= 4
 
     env = {**worker_env(jobdb), "SYNCWORKER_CONCURRENCY": "1"}
     with workers(jobdb, tmp_path, 1, env=env) as procs:
-        wait_for(enough, timeout=40, interval=0.2, what="8 runs of each job")
+        wait_for(enough, timeout=40, interval=0.2, what="8 runs of two jobs, 4 of the third")
         assert_alive(procs)
+        output = procs[0].output()
     for name in ("dealloc", "other"):
         statuses = {r["status"] for r in runs_of(jobdb, name) if r["status"] != "running"}
         assert statuses == {"success"}, runs_of(jobdb, name)
+    for run in runs_of(jobdb, "dynamic"):
+        lost = 'prepared statement "syncworker_'  # its finish, dropped by its own statement
+        assert run["status"] in ("success", "running") or lost in run["error"], run
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_quotes_backslashes_and_dollar_tags_in_an_error_are_recorded_as_they_are(
+    jobdb: str, tmp_path: Path
+) -> None:
+    """A run's end travels as SQL text with its values written in: an error message must come
+    back into sync_runs as it was, whatever quotes it holds."""
+    message = "it's a \\ back\\slash, '' $_$ a tag $_1$, $$ and an end$_"
+    statement = f"DO $m$ BEGIN RAISE EXCEPTION '%', $q${message}$q$; END $m$"
+    add_job(jobdb, "quotes", "sql", {"statement": statement}, next_sync_at=None)
+    with workers(jobdb, tmp_path, 1) as procs:
+        execute(jobdb, "SELECT syncworker.trigger_sync('quotes')")
+        wait_for(lambda: any(r["status"] == "failed" for r in runs_of(jobdb, "quotes")), 20, what="the run")
+        assert_alive(procs)
+    (run,) = runs_of(jobdb, "quotes")
+    assert message in run["error"], run
+    assert message in job(jobdb, "quotes")["last_error"]
+    recorded = one(jobdb, "SELECT message FROM syncworker.sync_errors WHERE run_id = %s", (run["id"],))
+    assert message in recorded
 
 
 # -- odd values the database accepts but Python cannot read ---------------------------------------

@@ -352,6 +352,44 @@ def test_a_worker_login_runs_run_as_jobs_and_its_session_is_its_own_again_after_
     assert last_run(jobdb, "escape")["error_type"] == "sql_error"
 
 
+# A run session ends each run with statements it prepared once (syncworker_finish_run, _begin_run,
+# _claim): a job that prepares its own under those names, from dynamic SQL the worker cannot
+# see, would have the worker's login run them.
+PLANT = """DO $plant$ BEGIN
+  EXECUTE 'DEALLOCATE ALL';
+  EXECUTE 'PREPARE syncworker_finish_run(' || rtrim(repeat('text,', 17), ',')
+          || ') AS INSERT INTO public.planted VALUES (1)';
+  EXECUTE 'PREPARE syncworker_begin_run(text, text) AS INSERT INTO public.planted VALUES (2)';
+  EXECUTE 'PREPARE syncworker_claim(text, text, text, text) AS INSERT INTO public.planted VALUES (3)';
+END $plant$"""
+
+
+def test_what_a_run_as_job_prepares_never_runs_as_the_worker(
+    jobdb: str, roles: Roles, job_role: str, tmp_path: Path
+) -> None:
+    login = roles("LOGIN", "syncworker_runner", job_role)
+    execute(jobdb, "CREATE TABLE public.planted (x int)")
+    execute(jobdb, f'GRANT INSERT ON public.planted TO "{login}"')  # the worker may, the job's role not
+    add_job(jobdb, "plants", "sql", {"statement": PLANT, "run_as": job_role}, interval_seconds=1)
+    add_job(jobdb, "plain", "sql", {"statement": "SELECT 1"}, interval_seconds=1)
+
+    def ran(name: str) -> int:
+        return one(
+            jobdb,
+            "SELECT count(*) FROM syncworker.sync_runs r JOIN syncworker.integrations i"
+            " ON i.id = r.integration_id WHERE i.name = %s AND r.status = 'success'",
+            (name,),
+        )
+
+    # One run session (concurrency 1): every run ends on the session the planting job used.
+    with workers(as_login(jobdb, login), tmp_path, 1, "--concurrency", "1") as (proc,):
+        wait_for(lambda: ran("plants") >= 4 and ran("plain") >= 4, 30, what="four runs of each job")
+        assert proc.terminate() == 0
+    assert one(jobdb, "SELECT count(*) FROM public.planted") == 0
+    ended = "SELECT count(*) FROM syncworker.sync_runs WHERE status NOT IN ('success', 'running')"
+    assert one(jobdb, ended) == 0
+
+
 # -- a superuser's session ------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from worker.connectors.base import (
     reject_unknown,
     require,
 )
+from worker.db import message
 from worker.db.queries import Q
 
 # Role names are identifiers: at most 63 bytes (NAMEDATALEN - 1).
@@ -214,10 +215,10 @@ async def _counted(conn: AsyncConnection[Any], statement: str, params: Any, *, i
     the run time, not the worker's memory."""
     text = psycopg.AsyncClientCursor(conn).mogrify(statement, params) if params is not None else statement
     count, error, tags = await conn.wait(_count_rows(conn.pgconn, text.encode(conn.info.encoding)))
-    if b"DEALLOCATE ALL" in tags:
-        # The job dropped every prepared statement of the session, the worker's too: psycopg
-        # must forget its own and prepare them again (it cannot see what ran around it).
-        conn._prepared.clear()  # psycopg has no public call for this
+    if tags & {b"DEALLOCATE ALL", b"DEALLOCATE"}:
+        # The job dropped prepared statements of the session, maybe the worker's: psycopg and
+        # the run's own must prepare theirs again (neither sees what ran around it).
+        _forget_prepared(conn)
     if error is not None:
         if in_run and b"PREPARE" in tags:  # a PREPARE outlives the transaction that failed
             await conn.rollback()
@@ -242,7 +243,12 @@ async def _clean_up(conn: AsyncConnection[Any], tags: set[bytes]) -> None:
         if tag in tags:
             await conn.execute(statement)
     if b"PREPARE" in tags:
-        conn._prepared.clear()  # DEALLOCATE ALL took the worker's own statements too
+        _forget_prepared(conn)  # DEALLOCATE ALL took the worker's own statements too
+
+
+def _forget_prepared(conn: AsyncConnection[Any]) -> None:
+    conn._prepared.clear()  # psycopg has no public call for this
+    message.forget(conn)
 
 
 # Command tags that matter to the run (the others are not kept).
@@ -250,6 +256,7 @@ _TAGS = frozenset(
     {
         *_LEFT_BEHIND,
         b"DEALLOCATE ALL",
+        b"DEALLOCATE",
         b"COMMIT",
         b"PREPARE TRANSACTION",
         b"ROLLBACK",
@@ -329,8 +336,11 @@ async def _fenced(conn: AsyncConnection[Any], role: str, statement: str, params:
     cur = await conn.execute(b"SELECT pg_temp.syncworker_job(%s)", [text])
     row = await cur.fetchone()
     # The fence, and whatever the job created in pg_temp (nothing it made may outlive the
-    # run on the worker's session, where a temporary table could shadow another one).
-    await conn.execute(b"DISCARD TEMP")
+    # run on the worker's session, where a temporary table could shadow another one), and any
+    # statement it prepared (its dynamic SQL may PREPARE under a name the worker EXECUTEs, to
+    # run as the worker).
+    await conn.execute(b"DISCARD TEMP; DEALLOCATE ALL")
+    _forget_prepared(conn)
     return max(int(row[0]) if row and row[0] is not None else 0, 0)
 
 

@@ -425,8 +425,11 @@ class Worker:
 
     async def _configure_run_session(self, conn: AsyncConnection[TupleRow]) -> None:
         """A new run session: as any pooled session, and the notifications a job's LISTEN
-        brings are dropped as they arrive (psycopg would keep them for ever)."""
+        brings are dropped as they arrive (psycopg would keep them for ever).  psycopg
+        prepares nothing on it: the run's own statements are prepared by the worker (see
+        worker.db.message), and a job may deallocate whatever is prepared."""
         conn.add_notify_handler(_drop_notification)
+        conn.prepare_threshold = None
         await self._configure_session(conn)
 
     async def _clean_session(self, conn: AsyncConnection[TupleRow]) -> None:

@@ -15,12 +15,13 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.rows import TupleRow, dict_row
+from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from worker import connectors, logs
 from worker.connectors.base import ConfigError, FencedError, RecordError, RunContext, RunResult, is_fence
 from worker.db import Pool
+from worker.db.message import PREPARED, bind, send
 from worker.db.queries import Q
 from worker.errors import ErrorType
 from worker.run import hooks, outcome, schedule
@@ -77,9 +78,9 @@ class Runner:
         try:
             locked_at = job.locked_at
             if locked_at is None:
-                cur = await conn.execute(Q["begin_run"], {"run_id": job.run_id, "integration_id": job.id})
-                row = await cur.fetchone()
-                locked_at = row[0] if row is not None else None
+                params = {"run_id": job.run_id, "integration_id": job.id}
+                row = await (await send(conn, [PREPARED["begin_run"].text(conn, params)])).fetchone()
+                locked_at = row["db_now"] if row is not None else None
             if locked_at is not None and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 await conn.execute(b"BEGIN")
         except psycopg.Error as exc:
@@ -279,36 +280,32 @@ class Runner:
             params["state"] = Jsonb(params["state"])
         conn = lock.conn
         self.census.finishing(job.run_id)
+        # One message and one round trip: the session's reset (whatever the job SET, a
+        # timeout, a role, a search_path, ends with the job, and so do its temporary tables:
+        # the next run on this session may make its own), the errors, the fenced finish (which
+        # makes the commit durable and releases the run's lock), the alert, what this session
+        # runs next, COMMIT.  If finish_run finds the run fenced it raises, and the rest is
+        # skipped (the lock stays held until the run's session lets it go).
+        parts = ["RESET ALL", "RESET ROLE", "DISCARD TEMP"]
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            parts.insert(0, "BEGIN")  # after a rollback of the run's own work
+        if self.settings_statement is not None:
+            parts.append(self.settings_statement.decode())
+        parts += [bind(Q["record_error"], row) for row in rows]
+        parts.append(PREPARED["finish_run"].text(conn, {**params, "unlock": lock.held, "durable": durable}))
+        if ending.plan.disabled_reason:
+            parts.append(bind(Q["disable_after_run"], outcome.disable_params(job, ending)))
+        if following is not None:
+            parts.append(following.statement())  # commits with the run
+        # (COMMIT AND CHAIN: the next run's transaction opens at once.)
+        parts.append("COMMIT" if following is None else "COMMIT AND CHAIN")
         try:
-            # One round trip: errors, the fenced final statement (which makes the commit
-            # durable and releases the run's lock), the alert, what this session runs next,
-            # COMMIT.  If finish_run finds the run fenced it raises, and the rest of the
-            # pipeline is skipped (the lock stays held until the run's session lets it go).
-            async with conn.pipeline(), conn.cursor() as cur:
-                if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-                    await cur.execute(b"BEGIN")  # after a rollback of the run's own work
-                # Whatever the job SET (a timeout, a role, a search_path) ends with the job, and
-                # so do its temporary tables (the next run on this session may make its own).
-                # (A statement that returns no rows must come first: libpq keeps the chunked-rows
-                # mode of a sql job's statement for the first statement of the next pipeline.)
-                await cur.execute(b"RESET ALL")
-                await cur.execute(b"RESET ROLE")
-                await cur.execute(b"DISCARD TEMP")
-                if self.settings_statement is not None:
-                    await cur.execute(self.settings_statement)
-                if rows:
-                    await cur.executemany(Q["record_error"], rows)
-                await cur.execute(Q["finish_run"], {**params, "unlock": lock.held, "durable": durable})
-                if ending.plan.disabled_reason:
-                    await cur.execute(Q["disable_after_run"], outcome.disable_params(job, ending))
-                if following is None:
-                    await cur.execute(b"COMMIT")
-                else:
-                    await following.queue()  # commits with the run; the next run's transaction opens
-                    await cur.execute(b"COMMIT AND CHAIN")
+            cur = await send(conn, parts)
             lock.held = False
             if following is not None:
-                self.census.claimed(await following.collect(), replacing=True)
+                for _ in range(len(parts) - 2):
+                    cur.nextset()
+                self.census.claimed(await following.collect(cur), replacing=True)
         except psycopg.Error as exc:
             if not is_fence(exc):
                 raise
@@ -505,39 +502,34 @@ class _Session:
 class _NextClaim:
     """What a run session runs next: the next job it claimed earlier, or a fresh claim.
 
-    `queue()` adds to an open pipeline, inside the finishing run's transaction, either the
-    next waiting job's `begin_run` (its lock and locked_at) or a `claim` of up to the
-    session's batch of due jobs (the first locked at once): either commits with the run's
+    `statement()` is what the finishing run's message carries, inside its transaction:
+    either the next waiting job's `begin_run` (its lock and locked_at) or a `claim` of up to
+    the session's batch of due jobs (the first locked at once); either commits with the run's
     result, and COMMIT AND CHAIN opens the next run's transaction at once.  `collect()` reads
-    the outcome once the pipeline is done; `claim()` does it all in a round trip of its own.
+    the outcome once the message is answered; `claim()` does it all in a round trip of its own.
     """
 
     def __init__(self, session: _Session) -> None:
         self.session = session
         self.conn = session.conn
-        self._cursor: psycopg.AsyncCursor[dict[str, Any]] | None = None
         self._asked = 0
         self.done = False
         self.job: Job | None = None
 
-    async def queue(self, *, announce: bool = False) -> None:
-        self._cursor = self.conn.cursor(row_factory=dict_row)
+    def statement(self, *, announce: bool = False) -> str:
         if self.session.queued:
             waiting = self.session.queued[0]
             self._asked = 0
             params = {"run_id": waiting.run_id, "integration_id": waiting.id}
-            await self._cursor.execute(Q["begin_run"], params)
-            return
+            return PREPARED["begin_run"].text(self.conn, params)
         self._asked = self.session.claim_size()
-        await self._cursor.execute(
-            Q["claim"],
-            {"limit": self._asked, "locks": 1, "worker_id": self.session.worker_id, "announce": announce},
-        )
+        claim = {"limit": self._asked, "locks": 1, "worker_id": self.session.worker_id, "announce": announce}
+        return PREPARED["claim"].text(self.conn, claim)
 
-    async def collect(self) -> list[int]:
-        """The next job, if any; returns the run ids this claimed (for the census)."""
-        assert self._cursor is not None
-        rows = await self._cursor.fetchall()
+    async def collect(self, cur: psycopg.AsyncCursor[dict[str, Any]]) -> list[int]:
+        """The next job, if any, from the result `cur` is on; returns the run ids this claimed
+        (for the census)."""
+        rows = await cur.fetchall()
         self.done = True
         if self._asked == 0:  # begin_run of the next waiting job
             waiting = self.session.queued.popleft()
@@ -567,11 +559,9 @@ class _NextClaim:
             self.job = self.session.queued.popleft()
             self.done = True
             return []
-        async with self.conn.pipeline(), self.conn.cursor() as cur:
-            await cur.execute(b"BEGIN")
-            await self.queue(announce=announce)
-            await cur.execute(b"COMMIT AND CHAIN")
-        return await self.collect()
+        cur = await send(self.conn, ["BEGIN", self.statement(announce=announce), "COMMIT AND CHAIN"])
+        cur.nextset()
+        return await self.collect(cur)
 
 
 async def _close_empty(conn: AsyncConnection[TupleRow]) -> None:

@@ -74,14 +74,15 @@ class Runner:
     ) -> str | None:
         # Run sessions are in autocommit mode: the lock and locked_at are taken and
         # committed first; the run's own work then happens in one explicit transaction
-        # (already open for a job this session claimed itself).
+        # (already open for a job this session claimed itself), opened in the same message.
         try:
             locked_at = job.locked_at
+            idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
             if locked_at is None:
-                params = {"run_id": job.run_id, "integration_id": job.id}
-                row = await (await send(conn, [PREPARED["begin_run"].text(conn, params)])).fetchone()
+                begin = PREPARED["begin_run"].text(conn, {"run_id": job.run_id, "integration_id": job.id})
+                row = await (await send(conn, [begin, "COMMIT", "BEGIN"] if idle else [begin])).fetchone()
                 locked_at = row["db_now"] if row is not None else None
-            if locked_at is not None and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            elif idle:
                 await conn.execute(b"BEGIN")
         except psycopg.Error as exc:
             # A pooled session the server ended while it sat idle (idle_session_timeout) raises

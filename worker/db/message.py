@@ -21,7 +21,7 @@ import math
 import re
 import weakref
 from collections.abc import Mapping
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
 import psycopg
@@ -31,7 +31,7 @@ from psycopg.types.json import Jsonb
 
 from worker.db.queries import Q
 
-__all__ = ["Statement", "bind", "forget", "literal", "send"]
+__all__ = ["PREPARED", "Statement", "bind", "forget", "literal", "send"]
 
 
 def literal(value: Any) -> str:
@@ -43,7 +43,7 @@ def literal(value: Any) -> str:
         if not math.isfinite(value):
             return f"'{number}'"
         return number if value >= 0 else f"({number})"
-    if isinstance(value, datetime | date):
+    if isinstance(value, date):  # a datetime too
         text = value.isoformat()
     elif isinstance(value, Jsonb):
         text = json.dumps(value.obj)

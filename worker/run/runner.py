@@ -304,7 +304,7 @@ class Runner:
             cur = await send(conn, parts)
             lock.held = False
             if following is not None:
-                for _ in range(len(parts) - 2):
+                for _ in range(len(parts) - 2):  # one result per statement: to the next-to-last
                     cur.nextset()
                 self.census.claimed(await following.collect(cur), replacing=True)
         except psycopg.Error as exc:
@@ -540,13 +540,13 @@ class _NextClaim:
             # abandoned while it waited (a rescuer): its lock is released, the transaction closed
             log.info("run %s of %s was handed back while it waited", waiting.run_id, waiting.name)
             self.session.census.finishing(waiting.run_id)
-            await _close_empty(self.conn)
+            await self.conn.commit()
             await _Lock(self.conn, waiting.id).release()
             self.done = False  # the caller takes the next one on its own
             return []
         jobs = sorted((Job.from_row(row) for row in rows), key=lambda j: (j.locked_at is None, j.run_id))
         if not jobs:
-            await _close_empty(self.conn)  # nothing was due: close the transaction opened for it
+            await self.conn.commit()  # nothing was due: close the transaction opened for it
             self.session.claimed(jobs, self._asked)
             return []
         self.job = jobs[0]
@@ -563,13 +563,6 @@ class _NextClaim:
         cur = await send(self.conn, ["BEGIN", self.statement(announce=announce), "COMMIT AND CHAIN"])
         cur.nextset()
         return await self.collect(cur)
-
-
-async def _close_empty(conn: AsyncConnection[TupleRow]) -> None:
-    """Close the transaction COMMIT AND CHAIN opened, in which nothing happened: with COMMIT,
-    since a ROLLBACK makes psycopg forget (and deallocate) every statement the session has
-    prepared, and each run would then parse and plan its statements again."""
-    await conn.commit()
 
 
 class _Lock:
